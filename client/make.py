@@ -1,0 +1,68 @@
+"""`envfarm.make_vec`: the counterpart of `gymnasium.make_vec` for a farm of workers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+from gymnasium.envs.registration import EnvSpec
+
+from envfarm.client.vector_env import FarmVectorEnv
+
+
+class _EnvMaker:
+    """Builds one env in a worker; a class rather than a closure so that it pickles small."""
+
+    def __init__(self, spec: EnvSpec, kwargs: dict[str, Any], wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]]):
+        self.spec, self.kwargs, self.wrappers = spec, kwargs, list(wrappers)
+
+    def __call__(self) -> gym.Env:
+        env = gym.make(self.spec, **self.kwargs)
+        for wrapper in self.wrappers:
+            env = wrapper(env)
+        return env
+
+
+def make_vec(
+    env_id: str | EnvSpec,
+    num_envs: int = 1,
+    *,
+    env_kwargs: dict[str, Any] | None = None,
+    wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]] | None = None,
+    **vector_kwargs: Any,
+) -> FarmVectorEnv:
+    """Creates a FarmVectorEnv of `num_envs` copies of a registered env, like `gymnasium.make_vec`.
+
+    Args:
+        env_id: A registered env id (optionally "module:Env-v0") or an EnvSpec.
+        num_envs: How many envs.
+        env_kwargs: Keyword arguments for each env's constructor (`gymnasium.make(env_id, **env_kwargs)`).
+        wrappers: Wrapper constructors applied to each env, in order.
+        **vector_kwargs: Passed to FarmVectorEnv (shared_memory, copy, context, num_workers, ...).
+
+    Raises:
+        gymnasium.error.Error: If `env_id` is not registered (raised here, before any worker starts).
+    """
+    if isinstance(env_id, EnvSpec):
+        spec = env_id
+    elif isinstance(env_id, str):
+        spec = gym.spec(env_id)
+    else:
+        raise gym.error.Error(f"Invalid id type: {type(env_id)}. Expected `str` or `EnvSpec`")
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be at least 1, got {num_envs}")
+    env_kwargs = dict(env_kwargs or {})
+    wrappers = list(wrappers or [])
+    maker = _EnvMaker(spec, env_kwargs, wrappers)
+    envs = FarmVectorEnv([maker] * num_envs, **vector_kwargs)
+
+    vector_spec = copy.deepcopy(spec)
+    vector_spec.kwargs = {**spec.kwargs, **env_kwargs, "num_envs": num_envs, "vectorization_mode": "envfarm"}
+    if vector_kwargs:
+        vector_spec.kwargs["vector_kwargs"] = vector_kwargs
+    if wrappers:
+        vector_spec.kwargs["wrappers"] = wrappers
+    envs.spec = vector_spec
+    return envs

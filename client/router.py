@@ -1,0 +1,161 @@
+"""The embedded broker role: one ROUTER socket, fan-out of requests and gathering of replies.
+
+Every request gets a fresh id; a reply whose id is not the one being gathered is a late reply to
+an abandoned request and is dropped, never returned for the next call. While it waits, the router
+also watches each local worker process (its sentinel fd sits in the same poll as the socket), so
+a worker that dies is reported at once, by name, instead of being waited for.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from envfarm.client.errors import WorkerDiedError
+from envfarm.protocol import messages as m
+from envfarm.protocol.errors import ProtocolError
+from envfarm.protocol.packing import pack, unpack
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """One worker as the trainer sees it: its routing id, the envs it owns, its process if local."""
+
+    index: int
+    identity: bytes
+    env_ids: range
+    process: Any = None  # multiprocessing.Process for a local worker
+    pid: int | None = None
+    host: str = ""
+    obs_shared: bool = False
+    dead: str = ""  # why, once it is known to be gone
+    hello: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        envs = f"env {self.env_ids[0]}" if len(self.env_ids) == 1 else f"envs {self.env_ids[0]}-{self.env_ids[-1]}"
+        pid = f", pid {self.pid}" if self.pid else ""
+        return f"worker {self.index} ({self.host or 'local'}{pid}, {envs})"
+
+
+def _exit_reason(process: Any) -> str:
+    code = process.exitcode
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Router:
+    """Sends requests to workers by ownership and gathers their replies by request id."""
+
+    def __init__(self, endpoint: str, *, trusted: bool):
+        self.trusted = trusted
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer must fail, not vanish
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+        self.endpoint = endpoint
+        self.workers: dict[bytes, WorkerHandle] = {}
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self._sentinels: dict[int, WorkerHandle] = {}
+        self._next_rid = 0
+        self.stale_replies = 0
+
+    def add(self, worker: WorkerHandle) -> None:
+        self.workers[worker.identity] = worker
+        if worker.process is not None:
+            self._sentinels[worker.process.sentinel] = worker
+            self.poller.register(worker.process.sentinel, zmq.POLLIN)
+
+    def new_rid(self) -> int:
+        self._next_rid += 1
+        return self._next_rid
+
+    def send(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        if worker.dead:
+            raise self._died(worker)
+        frames = pack(message, allow_pickle=self.trusted)
+        try:
+            self.socket.send_multipart([worker.identity, *frames], copy=False)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            worker.dead = worker.dead or "is not connected"
+            raise self._died(worker) from None
+
+    def _died(self, worker: WorkerHandle) -> WorkerDiedError:
+        return WorkerDiedError(f"envfarm {worker.describe()} {worker.dead}; its envs are lost")
+
+    def gather(self, rid: int, workers: list[WorkerHandle], timeout: float | None) -> dict[WorkerHandle, dict[str, Any]]:
+        """Waits for the reply with id `rid` from each of `workers`.
+
+        Raises multiprocessing.TimeoutError after `timeout` seconds (None: no limit), and
+        WorkerDiedError as soon as one of them is gone.
+        """
+        pending = set(workers)
+        replies: dict[WorkerHandle, dict[str, Any]] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in pending:
+            if worker.dead:
+                raise self._died(worker)
+        while pending:
+            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            events = self.poller.poll(wait_ms)
+            if not events and deadline is not None and time.monotonic() >= deadline:
+                raise multiprocessing.TimeoutError
+            for fd, _ in events:
+                if fd is self.socket:
+                    self._drain(rid, pending, replies)
+                else:
+                    self._on_exit(fd, rid, pending, replies)
+        return replies
+
+    def _drain(self, rid: int, pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+        while True:
+            try:
+                identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            worker = self.workers.get(identity.bytes)
+            if worker is None:
+                continue  # not one of ours: ignore
+            try:
+                message = m.check(unpack([f.buffer for f in frames], allow_pickle=self.trusted))
+            except ProtocolError as e:
+                worker.dead = f"sent a malformed message ({e})"
+                if worker in pending:
+                    raise self._died(worker) from None
+                continue
+            if message["rid"] != rid or worker not in pending:
+                self.stale_replies += 1
+                continue
+            if message["kind"] == m.HELLO:
+                worker.pid, worker.host, worker.hello = message["pid"], message["host"], message
+            replies[worker] = message
+            pending.discard(worker)
+
+    def _on_exit(self, sentinel: int, rid: int, pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+        """A local worker process has exited: fail the wait if its reply is still owed."""
+        worker = self._sentinels.pop(sentinel)
+        self.poller.unregister(sentinel)
+        worker.process.join(0.5)
+        worker.dead = _exit_reason(worker.process)
+        if worker in pending and self.socket.poll(100):
+            self._drain(rid, pending, replies)  # its last reply may still be in flight
+        if worker in pending:
+            raise self._died(worker)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()

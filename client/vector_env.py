@@ -1,0 +1,546 @@
+"""FarmVectorEnv: a drop-in for gymnasium.vector.AsyncVectorEnv, over ZeroMQ.
+
+Same constructor, methods, attributes, error classes and messages as AsyncVectorEnv (gymnasium
+1.x); results step for step identical to SyncVectorEnv. What differs, on purpose:
+
+- Envs are batched: each worker process hosts a contiguous block of envs and gets one message per
+  step, and all messages go out before any reply is awaited.
+- A reply carries its request's id; a late reply after a `*_wait` timeout is dropped, never
+  returned for the next call.
+- An exception in one env is raised here with that env's class and message (the remote
+  traceback as a note); the worker and the other envs live on, and resetting the failed env
+  makes it usable again.
+- A worker that dies is reported at once as WorkerDiedError naming it and its envs.
+- Text/Sequence/OneOf observations travel as data even with shared memory on, so they update.
+- `close()` is bounded in time: after `timeout` (default 5 s) the workers are killed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import secrets
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+import numpy as np
+from gymnasium import Env, Space, logger
+from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError, ResetNeeded
+from gymnasium.spaces.utils import is_space_dtype_shape_equiv
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.async_vector_env import AsyncState
+from gymnasium.vector.utils import batch_differing_spaces, batch_space
+
+from envfarm.client.errors import FarmError, rebuild
+from envfarm.client.launch import available_cpus, partition, start_local_workers
+from envfarm.client.obs_buffer import ObsBuffer
+from envfarm.client.router import Router, WorkerHandle
+from envfarm.protocol import messages as m
+from envfarm.protocol import spaces as space_codec
+from envfarm.protocol.errors import ErrorInfo
+
+DEFAULT_CLOSE_TIMEOUT = 5.0
+DEFAULT_STARTUP_TIMEOUT = 120.0
+_CALL_RESERVED = ("reset", "step", "close", "set_attr")
+
+
+class FarmVectorEnv(VectorEnv):
+    """Runs envs in worker processes that talk ZeroMQ, sharing observations through shared memory.
+
+    Example:
+        >>> import gymnasium as gym, envfarm
+        >>> envs = envfarm.FarmVectorEnv([lambda: gym.make("CartPole-v1")] * 4)
+        >>> obs, info = envs.reset(seed=0)
+        >>> envs.close()
+
+    Args:
+        env_fns: Functions that create the environments; they run in the worker processes.
+        shared_memory: Let same-host workers write observations straight into a shared batch
+            buffer (each worker proves it can reach it first; otherwise its observations travel
+            on the socket).
+        copy: Return a copy of the observations from `reset` and `step`, else a view of the buffer.
+        context: The `multiprocessing` start method for workers ("fork", "spawn", "forkserver").
+        daemon: Start workers as daemonic processes (they cannot have children of their own).
+        worker: Not supported (envfarm runs its own worker); must be None.
+        observation_mode: "same", "different", or a (batched, single) pair of spaces, as in Gymnasium.
+        autoreset_mode: NEXT_STEP (default), SAME_STEP or DISABLED, exactly as Gymnasium.
+        max_concurrency: At most this many envs step at once, i.e. at most this many workers.
+        num_workers: Worker processes to start; default: the CPUs this process may use, at most
+            one per env. Mutually exclusive with `envs_per_worker`.
+        envs_per_worker: Envs each worker hosts; sets `num_workers` to ceil(num_envs / this).
+        startup_timeout: Seconds to wait for the workers to start and build their envs.
+
+    Raises:
+        RuntimeError: If the sub-environments' spaces are not compatible (as AsyncVectorEnv).
+        ValueError: For an empty `env_fns` or inconsistent worker sizing.
+    """
+
+    def __init__(
+        self,
+        env_fns: Sequence[Callable[[], Env]],
+        shared_memory: bool = True,
+        copy: bool = True,
+        context: str | None = None,
+        daemon: bool = True,
+        worker: None = None,
+        observation_mode: str | tuple[Space, Space] = "same",
+        autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+        max_concurrency: int | None = None,
+        *,
+        num_workers: int | None = None,
+        envs_per_worker: int | None = None,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    ) -> None:
+        if worker is not None:
+            raise ValueError("FarmVectorEnv runs envfarm's own worker; a custom `worker` function is not supported")
+        self.env_fns = list(env_fns)
+        if not self.env_fns:
+            raise ValueError("FarmVectorEnv needs at least one env_fn, got an empty sequence")
+        self.num_envs = len(self.env_fns)
+        self.shared_memory = shared_memory
+        self.copy = copy
+        self.context = context
+        self.daemon = daemon
+        self.observation_mode = observation_mode
+        self.autoreset_mode = autoreset_mode if isinstance(autoreset_mode, AutoresetMode) else AutoresetMode(autoreset_mode)
+        self.max_concurrency = max_concurrency
+        self.num_workers = _worker_count(self.num_envs, num_workers, envs_per_worker, max_concurrency)
+
+        self._state = AsyncState.DEFAULT
+        self._pending: tuple[int, list[WorkerHandle]] | None = None
+        self._failure: FarmError | None = None
+        self._router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
+        self._workers: list[WorkerHandle] = []
+        self._buffers: list[ObsBuffer] = []
+        self._release = weakref.finalize(self, _release, self._router, self._workers, self._buffers)
+        try:
+            self._start(partition(self.num_envs, self.num_workers), startup_timeout)
+        except BaseException:
+            self._release()
+            raise
+        self._rewards = np.zeros(self.num_envs, np.float64)
+        self._terminations = np.zeros(self.num_envs, np.bool_)
+        self._truncations = np.zeros(self.num_envs, np.bool_)
+        self._autoreset_envs = np.zeros(self.num_envs, np.bool_)
+
+    # ----------------------------------------------------------------- start-up
+
+    def _start(self, blocks: list[range], timeout: float) -> None:
+        self._workers.extend(start_local_workers(self._router.endpoint, blocks, self.context, self.daemon))
+        for worker in self._workers:
+            self._router.add(worker)
+        self._router.gather(0, self._workers, timeout)  # every worker says HELLO with rid 0
+
+        rid = self._router.new_rid()
+        for worker in self._workers:
+            env_fns = cloudpickle.dumps(self.env_fns[worker.env_ids.start : worker.env_ids.stop])
+            self._router.send(
+                worker, m.make(m.CREATE, rid, envs=list(worker.env_ids), source={"env_fns": env_fns}, autoreset_mode=self.autoreset_mode.value)
+            )
+        created = self._replies(self._router.gather(rid, self._workers, timeout))
+        self._raise_errors(created)
+        obs_spaces, action_spaces = [], []
+        for _, reply in created:
+            for obs_space, action_space in reply["spaces"]:
+                obs_spaces.append(space_codec.decode_space(obs_space))
+                action_spaces.append(space_codec.decode_space(action_space))
+        first = created[0][1]
+        self.metadata = dict(first["metadata"])
+        self.metadata["autoreset_mode"] = self.autoreset_mode
+        self.render_mode = first["render_mode"]
+        self._set_spaces(obs_spaces, action_spaces)
+
+        buffer = ObsBuffer(self.single_observation_space, self.num_envs, shared=self.shared_memory)
+        self._buffers.append(buffer)
+        if buffer.descriptor is not None:
+            rid = self._router.new_rid()
+            for worker in self._workers:
+                self._router.send(worker, m.make(m.ATTACH, rid, shm=buffer.descriptor))
+            for worker, reply in self._replies(self._router.gather(rid, self._workers, timeout)):
+                worker.obs_shared = reply["kind"] == m.ATTACHED and reply["ok"]
+                if not worker.obs_shared:
+                    logger.warn(f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason')}); its observations travel on the socket")
+
+    def _set_spaces(self, obs_spaces: list[Space], action_spaces: list[Space]) -> None:
+        """The four spaces, chosen and checked exactly as AsyncVectorEnv does."""
+        mode = self.observation_mode
+        self.single_action_space = action_spaces[0]
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        if isinstance(mode, tuple) and len(mode) == 2:
+            if not isinstance(mode[0], Space) or not isinstance(mode[1], Space):
+                raise TypeError(f"Expected both elements of observation_mode to be Spaces, got {type(mode[0])} and {type(mode[1])}")
+            self.observation_space, self.single_observation_space = mode
+        elif mode == "same":
+            self.single_observation_space = obs_spaces[0]
+            self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        elif mode == "different":
+            self.single_observation_space = obs_spaces[0]
+            self.observation_space = batch_differing_spaces(obs_spaces)
+        else:
+            raise ValueError(
+                f"Invalid `observation_mode`, expected: 'same' or 'different' or tuple of single and batch observation space, actual got {mode}"
+            )
+        if mode == "same":
+            if any(space != self.single_observation_space for space in obs_spaces):
+                raise RuntimeError(
+                    f"{type(self).__name__}(..., observation_mode='same') however some of the sub-environments observation spaces are not equivalent. "
+                    "If this is intentional, use `observation_mode='different'` instead."
+                )
+        elif not all(is_space_dtype_shape_equiv(space, self.single_observation_space) for space in obs_spaces):
+            raise RuntimeError(
+                f"{type(self).__name__}(..., observation_mode='different' or custom space) however the sub-environment's observation spaces do not share a common shape and dtype."
+            )
+        if any(space != self.single_action_space for space in action_spaces):
+            raise RuntimeError(
+                f"Some environments have an action space different from `{self.single_action_space}`. "
+                "In order to batch actions, the action spaces from all environments must be equal."
+            )
+
+    # ----------------------------------------------------------------- reset
+
+    @property
+    def np_random_seed(self) -> tuple[int, ...]:
+        """Returns a tuple of np_random seeds for all the wrapped envs."""
+        return self.get_attr("np_random_seed")
+
+    @property
+    def np_random(self) -> tuple[np.random.Generator, ...]:
+        """Returns the tuple of the numpy random number generators for the wrapped envs."""
+        return self.get_attr("np_random")
+
+    @property
+    def processes(self) -> list[multiprocessing.Process]:
+        """The worker processes (each hosts a block of envs, unlike AsyncVectorEnv's one per env)."""
+        return [worker.process for worker in self._workers]
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Resets the sub-environments (all, or those in `options["reset_mask"]`) and returns the batch.
+
+        Args:
+            seed: None (random), an int (env i gets seed + i) or a list of one seed per env.
+            options: Passed to every env's `reset`; a boolean array under "reset_mask" selects
+                which envs to reset. The caller's dict is left unchanged.
+        """
+        self.reset_async(seed=seed, options=options)
+        return self.reset_wait()
+
+    def reset_async(self, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None) -> None:
+        """Sends the reset requests; `reset_wait` collects the results."""
+        self._assert_is_running()
+        if seed is None:
+            seed = [None for _ in range(self.num_envs)]
+        elif isinstance(seed, int):
+            seed = [seed + i for i in range(self.num_envs)]
+        if len(seed) != self.num_envs:
+            raise ValueError(f"If seeds are passed as a list the length must match num_envs={self.num_envs} but got length={len(seed)}.")
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `reset_async` while waiting for a pending call to `{self._state.value}` to complete", str(self._state.value)
+            )
+        reset_mask = None
+        if options is not None and "reset_mask" in options:
+            options = dict(options)  # Gymnasium pops the mask out of the caller's own dict; we do not
+            reset_mask = _check_reset_mask(options.pop("reset_mask"), self.num_envs)
+        rid = self._router.new_rid()
+        targets = []
+        for worker in self._workers:
+            env_ids = [i for i in worker.env_ids if reset_mask is None or reset_mask[i]]
+            if env_ids:
+                self._router.send(worker, m.make(m.RESET, rid, envs=env_ids, seeds=[seed[i] for i in env_ids], options=options))
+                targets.append(worker)
+        self._pending = (rid, targets)
+        self._state = AsyncState.WAITING_RESET
+
+    def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
+        """Waits for the resets sent by `reset_async`.
+
+        Raises:
+            NoAsyncCallError: Without a prior `reset_async`.
+            multiprocessing.TimeoutError: After `timeout` seconds (None: no limit); the late replies are dropped.
+        """
+        self._assert_is_running()
+        if self._state != AsyncState.WAITING_RESET:
+            raise NoAsyncCallError("Calling `reset_wait` without any prior call to `reset_async`.", AsyncState.WAITING_RESET.value)
+        replies = self._wait("reset_wait", timeout)
+        infos: dict[str, Any] = {}
+        for _, reply in replies:
+            if reply["kind"] != m.RESULT:
+                continue
+            env_ids = reply["envs"]
+            self._buffer.write(env_ids, reply["obs"])
+            self._terminations[env_ids] = self._truncations[env_ids] = self._autoreset_envs[env_ids] = False
+            for i, info in zip(env_ids, reply["infos"]):
+                infos = self._add_info(infos, info, i)
+        self._raise_errors(replies)
+        return self._buffer.batch(self.copy), infos
+
+    # ----------------------------------------------------------------- step
+
+    def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Steps every sub-environment with its action and returns the batched results."""
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: Any) -> None:
+        """Sends each worker the actions of its envs; `step_wait` collects the results.
+
+        Raises:
+            ValueError: If `actions` is not a batch of `single_action_space` of size `num_envs`.
+            gymnasium.error.ResetNeeded: With autoreset_mode DISABLED, if an env that ended has
+                not been reset (nothing is stepped then).
+        """
+        self._assert_is_running()
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `step_async` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
+            )
+        leaves = self._action_leaves(actions)
+        if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs.any():
+            ended = np.flatnonzero(self._autoreset_envs).tolist()
+            raise ResetNeeded(
+                f"envs {ended} terminated or truncated and autoreset_mode is DISABLED: reset them with "
+                "`reset(options={'reset_mask': mask})` before the next step"
+            )
+        rid = self._router.new_rid()
+        for worker in self._workers:
+            rows = slice(worker.env_ids.start, worker.env_ids.stop)
+            self._router.send(worker, m.make(m.STEP, rid, actions=[leaf[rows] for leaf in leaves]))
+        self._pending = (rid, list(self._workers))
+        self._state = AsyncState.WAITING_STEP
+
+    def _action_leaves(self, actions: Any) -> list[Any]:
+        """The batch of actions split into per-leaf batches, each checked against the action space."""
+        try:
+            leaves = space_codec.split(self.single_action_space, actions)
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"actions do not match action_space {self.action_space}: {type(e).__name__}: {e}") from None
+        checked = []
+        for space, leaf in zip(space_codec.leaves(self.single_action_space), leaves):
+            if space_codec.is_fixed(space):
+                leaf = np.asarray(leaf)
+                if leaf.shape != (self.num_envs, *space.shape) or leaf.dtype.hasobject:
+                    raise ValueError(
+                        f"actions for {space} must be an array of shape {(self.num_envs, *space.shape)} "
+                        f"(one row per env), got {'dtype object' if leaf.dtype.hasobject else f'shape {leaf.shape}'}"
+                    )
+            elif not isinstance(leaf, (list, tuple)) or len(leaf) != self.num_envs:
+                raise ValueError(f"actions for {space} must be a tuple of {self.num_envs} values, got {leaf!r:.100}")
+            checked.append(leaf)
+        return checked
+
+    def step_wait(self, timeout: float | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Waits for the steps sent by `step_async`.
+
+        Raises:
+            NoAsyncCallError: Without a prior `step_async`.
+            multiprocessing.TimeoutError: After `timeout` seconds (None: no limit); the late replies are dropped.
+            The env's own exception class: If an env raised; the others' results are kept and the
+                failed env works again after it is reset.
+        """
+        self._assert_is_running()
+        if self._state != AsyncState.WAITING_STEP:
+            raise NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`.", AsyncState.WAITING_STEP.value)
+        replies = self._wait("step_wait", timeout)
+        infos: dict[str, Any] = {}
+        for worker, reply in replies:
+            if reply["kind"] != m.RESULT:
+                continue
+            rows = slice(worker.env_ids.start, worker.env_ids.stop)
+            self._rewards[rows] = reply["rewards"]
+            self._terminations[rows] = reply["terminated"]
+            self._truncations[rows] = reply["truncated"]
+            self._buffer.write(rows, reply["obs"])
+            for i, info in zip(worker.env_ids, reply["infos"]):
+                infos = self._add_info(infos, info, i)
+        self._autoreset_envs = self._terminations | self._truncations
+        self._raise_errors(replies)
+        return self._buffer.batch(self.copy), self._rewards.copy(), self._terminations.copy(), self._truncations.copy(), infos
+
+    # ----------------------------------------------------------------- call, attributes, render
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Calls the method `name` (or reads the attribute) of every sub-environment."""
+        self.call_async(name, *args, **kwargs)
+        return self.call_wait()
+
+    def render(self) -> tuple[Any, ...] | None:
+        """Returns the rendered frames from the environments."""
+        return self.call("render")
+
+    def call_async(self, name: str, /, *args: Any, **kwargs: Any) -> None:
+        """Sends the call of `name` to every sub-environment; `call_wait` collects the results."""
+        self._assert_is_running()
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `call_async` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
+            )
+        if name in _CALL_RESERVED:
+            raise ValueError(f"Trying to call function `{name}` with `call`, use `{name}` directly instead.")
+        rid = self._router.new_rid()
+        for worker in self._workers:
+            self._router.send(worker, m.make(m.CALL, rid, name=name, args=list(args), kwargs=kwargs))
+        self._pending = (rid, list(self._workers))
+        self._state = AsyncState.WAITING_CALL
+
+    def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
+        """Waits for the calls sent by `call_async` and returns one result per env."""
+        self._assert_is_running()
+        if self._state != AsyncState.WAITING_CALL:
+            raise NoAsyncCallError("Calling `call_wait` without any prior call to `call_async`.", AsyncState.WAITING_CALL.value)
+        replies = self._wait("call_wait", timeout)
+        self._raise_errors(replies)
+        return tuple(value for _, reply in replies for value in reply["values"])
+
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        """Gets the attribute `name` of every sub-environment."""
+        return self.call(name)
+
+    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | object) -> None:
+        """Sets the attribute `name` of every sub-environment: one value for all, or one per env."""
+        self._assert_is_running()
+        if not isinstance(values, (list, tuple)):
+            values = [values for _ in range(self.num_envs)]
+        if len(values) != self.num_envs:
+            raise ValueError(
+                "Values must be a list or tuple with length equal to the number of environments. "
+                f"Got `{len(values)}` values for {self.num_envs} environments."
+            )
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(
+                f"Calling `set_attr` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
+            )
+        rid = self._router.new_rid()
+        for worker in self._workers:
+            self._router.send(worker, m.make(m.SET_ATTR, rid, name=name, values=list(values[worker.env_ids.start : worker.env_ids.stop])))
+        self._pending = (rid, list(self._workers))
+        self._state = AsyncState.WAITING_CALL
+        self._raise_errors(self._wait("set_attr", None))
+
+    # ----------------------------------------------------------------- close
+
+    def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
+        """Closes the envs and stops the workers, within `timeout` seconds (None: 5 s).
+
+        A pending call is awaited first; workers that do not finish in time (a hung env) are
+        killed. With `terminate=True` they are killed at once. Shared memory is always unlinked.
+        """
+        timeout = DEFAULT_CLOSE_TIMEOUT if timeout is None else timeout
+        try:
+            if not terminate and self._failure is None:
+                self._close_gracefully(timeout)
+        except (multiprocessing.TimeoutError, FarmError) as e:
+            logger.warn(f"envfarm: closing did not finish cleanly ({type(e).__name__}: {e}); killing the workers")
+        finally:
+            self._release()
+
+    def _close_gracefully(self, timeout: float) -> None:
+        if self._state != AsyncState.DEFAULT:
+            logger.warn(f"Calling `close` while waiting for a pending call to `{self._state.value}` to complete.")
+            rid, targets = self._pending
+            self._router.gather(rid, targets, timeout)
+        rid = self._router.new_rid()
+        for worker in self._workers:
+            self._router.send(worker, m.make(m.CLOSE, rid))
+        for worker, reply in self._replies(self._router.gather(rid, self._workers, timeout)):
+            for env_id, error in reply.get("errors", []):
+                logger.warn(f"envfarm: env {env_id} raised in close(): {ErrorInfo.from_data(error).message}")
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+
+    # ----------------------------------------------------------------- helpers
+
+    @property
+    def _buffer(self) -> ObsBuffer:
+        return self._buffers[0]
+
+    def _assert_is_running(self) -> None:
+        if self.closed:
+            raise ClosedEnvironmentError(f"Trying to operate on `{type(self).__name__}`, after a call to `close()`.")
+        if self._failure is not None:
+            raise type(self._failure)(f"{self._failure}; close() this vector env and make a new one")
+
+    def _wait(self, name: str, timeout: float | None) -> list[tuple[WorkerHandle, dict[str, Any]]]:
+        """Gathers the pending request's replies in worker order; the state returns to DEFAULT."""
+        rid, targets = self._pending
+        try:
+            replies = self._router.gather(rid, targets, timeout)
+        except multiprocessing.TimeoutError:
+            self._state, self._pending = AsyncState.DEFAULT, None
+            raise multiprocessing.TimeoutError(f"The call to `{name}` has timed out after {timeout} second(s).") from None
+        except FarmError as e:
+            self._state, self._pending, self._failure = AsyncState.DEFAULT, None, e
+            raise
+        self._state, self._pending = AsyncState.DEFAULT, None
+        return [(worker, replies[worker]) for worker in targets]
+
+    @staticmethod
+    def _replies(replies: dict[WorkerHandle, dict[str, Any]]) -> list[tuple[WorkerHandle, dict[str, Any]]]:
+        return sorted(replies.items(), key=lambda item: item[0].index)
+
+    def _raise_errors(self, replies: list[tuple[WorkerHandle, dict[str, Any]]]) -> None:
+        """Raises the first env's exception (by env index), naming every env that failed."""
+        failures = []
+        for worker, reply in replies:
+            if reply["kind"] == m.ERROR:
+                failures.append((worker.env_ids.start, list(worker.env_ids), ErrorInfo.from_data(reply["error"]), worker.describe()))
+            for env_id, error in reply.get("errors", []):
+                failures.append((env_id, [env_id], ErrorInfo.from_data(error), f"env {env_id} on {worker.describe()}"))
+        if not failures:
+            return
+        failures.sort(key=lambda failure: failure[0])
+        _, _, info, where = failures[0]
+        exc = rebuild(info, where)
+        if len(failures) > 1:
+            exc.add_note("also failed: " + "; ".join(f"{w}: {i.type}: {i.message}" for _, _, i, w in failures[1:]))
+        exc.failed_envs = sorted({env for _, envs, _, _ in failures for env in envs})
+        raise exc
+
+
+def _worker_count(num_envs: int, num_workers: int | None, envs_per_worker: int | None, max_concurrency: int | None) -> int:
+    if num_workers is not None and envs_per_worker is not None:
+        raise ValueError("pass either num_workers or envs_per_worker, not both")
+    if envs_per_worker is not None:
+        if envs_per_worker < 1:
+            raise ValueError(f"envs_per_worker must be at least 1, got {envs_per_worker}")
+        num_workers = -(-num_envs // envs_per_worker)
+    if num_workers is None:
+        num_workers = available_cpus()
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    if max_concurrency is not None:
+        if not isinstance(max_concurrency, (int, np.integer)):
+            raise ValueError(f"`max_concurrency` must be an integer or None, got {type(max_concurrency)}.")
+        if max_concurrency < 1:
+            raise ValueError(f"`max_concurrency` must be a positive or None, got {max_concurrency}.")
+        num_workers = min(num_workers, int(max_concurrency))
+    return min(num_workers, num_envs)
+
+
+def _check_reset_mask(reset_mask: Any, num_envs: int) -> np.ndarray:
+    """Validates `options["reset_mask"]` with Gymnasium's own messages."""
+    if not isinstance(reset_mask, np.ndarray):
+        raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(reset_mask)}")
+    if reset_mask.shape != (num_envs,):
+        raise ValueError(f"`options['reset_mask']` must have shape `({num_envs},)`, got {reset_mask.shape}")
+    if reset_mask.dtype != np.bool_:
+        raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {reset_mask.dtype}")
+    if not np.any(reset_mask):
+        raise ValueError(f"`options['reset_mask']` must contain a boolean array with at least one True value, got reset_mask={reset_mask}")
+    return reset_mask
+
+
+def _release(router: Router, workers: list[WorkerHandle], buffers: list[ObsBuffer]) -> None:
+    """Frees everything a FarmVectorEnv holds; runs once, from close(), garbage collection or exit."""
+    for worker in workers:
+        if worker.process is not None and worker.process.is_alive():
+            worker.process.kill()
+    for worker in workers:
+        if worker.process is not None:
+            worker.process.join()
+    router.close()
+    for buffer in buffers:
+        buffer.close()

@@ -1,0 +1,84 @@
+"""The message set: what a trainer (or broker) and a worker say to each other.
+
+Every message is a map with "kind" and "rid" (request id). A reply carries the rid of its
+request, so a late reply to an abandoned request is recognised and dropped. The conversation:
+
+    worker  -> HELLO   {version, pid, host}                 once, on connecting
+    trainer -> CREATE  {envs, source, autoreset_mode}       -> CREATED {spaces, metadata, render_mode}
+    trainer -> ATTACH  {shm}                                -> ATTACHED {ok, reason}
+    trainer -> RESET   {envs, seeds, options}               -> RESULT {envs, obs, infos, errors}
+    trainer -> STEP    {actions}                            -> RESULT {rewards, terminated, truncated, obs, infos, errors}
+    trainer -> CALL    {name, args, kwargs}                 -> RESULT {values, errors}
+    trainer -> SET_ATTR {name, values}                      -> RESULT {errors}
+    trainer -> CLOSE   {}                                   -> RESULT {}
+    either  -> HEARTBEAT {}
+    worker  -> ERROR   {error}                              the request as a whole failed
+
+"envs" are global env indices; per-env errors travel as [[env index, error data], ...], so one
+failing env never hides the results of the others. The field types are checked by `check`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envfarm.protocol.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+HELLO = "hello"
+CREATE = "create"
+CREATED = "created"
+ATTACH = "attach"
+ATTACHED = "attached"
+RESET = "reset"
+STEP = "step"
+CALL = "call"
+SET_ATTR = "set_attr"
+CLOSE = "close"
+RESULT = "result"
+HEARTBEAT = "heartbeat"
+ERROR = "error"
+
+_list = (list, tuple)
+_opt_dict = (dict, type(None))
+FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    HELLO: {"version": int, "pid": int, "host": str},
+    CREATE: {"envs": _list, "source": dict, "autoreset_mode": str},
+    CREATED: {"spaces": _list, "metadata": dict, "render_mode": (str, type(None))},
+    ATTACH: {"shm": dict},
+    ATTACHED: {"ok": bool, "reason": str},
+    RESET: {"envs": _list, "seeds": _list, "options": _opt_dict},
+    STEP: {"actions": _list},
+    CALL: {"name": str, "args": _list, "kwargs": dict},
+    SET_ATTR: {"name": str, "values": _list},
+    CLOSE: {},
+    RESULT: {"errors": _list},
+    HEARTBEAT: {},
+    ERROR: {"error": dict},
+}
+
+
+def make(kind: str, rid: int, **fields: Any) -> dict[str, Any]:
+    """Builds a message of a known kind."""
+    return {"kind": kind, "rid": rid, **fields}
+
+
+def check(message: dict[str, Any]) -> dict[str, Any]:
+    """Returns the message if its kind is known and its fields have the right types, else raises ProtocolError."""
+    kind, rid = message.get("kind"), message.get("rid")
+    fields = FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise ProtocolError(f"unknown message kind {kind!r:.40}; known kinds: {', '.join(FIELDS)}")
+    if type(rid) is not int:
+        raise ProtocolError(f"{kind} message has no integer 'rid'")
+    for name, types in fields.items():
+        if not isinstance(message.get(name), types):
+            raise ProtocolError(f"{kind} message field {name!r} must be {_names(types)}, got {type(message.get(name)).__name__}")
+    if kind == HELLO and message["version"] != PROTOCOL_VERSION:
+        raise ProtocolError(f"peer speaks envfarm protocol version {message['version']}, this side speaks {PROTOCOL_VERSION}")
+    return message
+
+
+def _names(types: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))

@@ -1,0 +1,125 @@
+"""The space codec (Gymnasium spaces <-> plain data) and how a batch of values travels.
+
+A space is carried as a map with a "type" and its parameters; arrays inside (Box bounds,
+MultiDiscrete nvec) travel as array frames. Box, Discrete, MultiDiscrete, MultiBinary, Text,
+Dict, Tuple, Sequence and OneOf are carried; any other space raises UnsupportedSpaceError naming it.
+
+A batch of values of a space is split into its leaves (depth first, Dict keys in the space's
+order). A *fixed* leaf (Box, Discrete, MultiDiscrete, MultiBinary) is one array of shape
+(n, *leaf.shape) and dtype leaf.dtype, which is what can live in shared memory; any other leaf
+(Text, Sequence, OneOf) is a list of n values. `join` rebuilds the nested structure the way
+Gymnasium's batching does: Dict -> dict, Tuple -> tuple, fixed leaf -> array, other leaf -> tuple.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from gymnasium import spaces
+
+from envfarm.protocol.errors import ProtocolError
+
+FIXED_LEAVES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+class UnsupportedSpaceError(TypeError):
+    """A space the wire format cannot describe."""
+
+
+def encode_space(space: spaces.Space) -> dict[str, Any]:
+    """Describes a space as plain data."""
+    if isinstance(space, spaces.Box):
+        return {"type": "Box", "low": space.low, "high": space.high, "dtype": space.dtype.str}
+    if isinstance(space, spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start), "dtype": space.dtype.str}
+    if isinstance(space, spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "nvec": space.nvec, "start": space.start, "dtype": space.dtype.str}
+    if isinstance(space, spaces.MultiBinary):
+        return {"type": "MultiBinary", "n": np.asarray(space.n).tolist()}
+    if isinstance(space, spaces.Text):
+        return {"type": "Text", "min_length": space.min_length, "max_length": space.max_length, "charset": "".join(space.character_list)}
+    if isinstance(space, spaces.Dict):
+        return {"type": "Dict", "spaces": [[key, encode_space(sub)] for key, sub in space.spaces.items()]}
+    if isinstance(space, spaces.Tuple):
+        return {"type": "Tuple", "spaces": [encode_space(sub) for sub in space.spaces]}
+    if isinstance(space, spaces.Sequence):
+        return {"type": "Sequence", "feature_space": encode_space(space.feature_space), "stack": space.stack}
+    if isinstance(space, spaces.OneOf):
+        return {"type": "OneOf", "spaces": [encode_space(sub) for sub in space.spaces]}
+    raise UnsupportedSpaceError(
+        f"envfarm cannot carry the space {space!r} ({type(space).__qualname__}); it carries "
+        "Box, Discrete, MultiDiscrete, MultiBinary, Text, Dict, Tuple, Sequence and OneOf"
+    )
+
+
+def decode_space(data: Any) -> spaces.Space:
+    """Rebuilds a space from `encode_space`'s data; raises ProtocolError on anything else."""
+    if isinstance(data, spaces.Space):  # a trusted link may carry a custom space as itself
+        return data
+    try:
+        return _DECODERS[data["type"]](data)
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise ProtocolError(f"cannot decode a space from {data!r:.200}: {type(e).__name__}: {e}") from None
+
+
+_DECODERS: dict[str, Callable[[dict], spaces.Space]] = {
+    "Box": lambda d: spaces.Box(d["low"], d["high"], dtype=np.dtype(d["dtype"])),
+    "Discrete": lambda d: spaces.Discrete(d["n"], start=d["start"], dtype=np.dtype(d["dtype"])),
+    "MultiDiscrete": lambda d: spaces.MultiDiscrete(d["nvec"], start=d["start"], dtype=np.dtype(d["dtype"])),
+    "MultiBinary": lambda d: spaces.MultiBinary(d["n"]),
+    "Text": lambda d: spaces.Text(d["max_length"], min_length=d["min_length"], charset=d["charset"]),
+    "Dict": lambda d: spaces.Dict({key: decode_space(sub) for key, sub in d["spaces"]}),
+    "Tuple": lambda d: spaces.Tuple([decode_space(sub) for sub in d["spaces"]]),
+    "Sequence": lambda d: spaces.Sequence(decode_space(d["feature_space"]), stack=d["stack"]),
+    "OneOf": lambda d: spaces.OneOf([decode_space(sub) for sub in d["spaces"]]),
+}
+
+
+def leaves(space: spaces.Space) -> list[spaces.Space]:
+    """The leaf spaces of a space, depth first."""
+    if isinstance(space, spaces.Dict):
+        return [leaf for sub in space.spaces.values() for leaf in leaves(sub)]
+    if isinstance(space, spaces.Tuple):
+        return [leaf for sub in space.spaces for leaf in leaves(sub)]
+    return [space]
+
+
+def is_fixed(leaf: spaces.Space) -> bool:
+    return isinstance(leaf, FIXED_LEAVES)
+
+
+def split(space: spaces.Space, value: Any) -> list[Any]:
+    """One value of `space` (or a batch of them) as the list of its leaf values, in `leaves` order."""
+    if isinstance(space, spaces.Dict):
+        return [leaf for key, sub in space.spaces.items() for leaf in split(sub, value[key])]
+    if isinstance(space, spaces.Tuple):
+        return [leaf for i, sub in enumerate(space.spaces) for leaf in split(sub, value[i])]
+    return [value]
+
+
+def join(space: spaces.Space, leaf_values: Iterator[Any]) -> Any:
+    """The inverse of `split`: rebuilds the nested value from an iterator over its leaf values."""
+    if isinstance(space, spaces.Dict):
+        return {key: join(sub, leaf_values) for key, sub in space.spaces.items()}
+    if isinstance(space, spaces.Tuple):
+        return tuple(join(sub, leaf_values) for sub in space.spaces)
+    return next(leaf_values)
+
+
+def shm_layout(space: spaces.Space, num_envs: int, align: int = 64) -> tuple[list[tuple[int, str, tuple[int, ...]]], int]:
+    """Where each fixed leaf's (num_envs, *shape) array lies in one shared buffer.
+
+    Returns ([(offset, dtype, shape) or None for a non-fixed leaf, ...], total bytes).
+    """
+    layout, offset = [], 0
+    for leaf in leaves(space):
+        if not is_fixed(leaf):
+            layout.append(None)
+            continue
+        shape = (num_envs, *leaf.shape)
+        layout.append((offset, leaf.dtype.str, shape))
+        offset += -(-int(np.prod(shape)) * leaf.dtype.itemsize // align) * align
+    return layout, offset

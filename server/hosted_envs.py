@@ -1,0 +1,156 @@
+"""The envs one worker hosts: reset, step with Gymnasium's autoreset modes, call, set_attr.
+
+Knows nothing of sockets. Observations are written into `obs_rows`, one (K, ...) array per fixed
+leaf of the observation space: views of the trainer's shared batch buffer when the worker could
+attach to it, else private arrays whose rows travel as frames. An exception in one env is caught
+and reported for that env; the others carry on, and the failed env must be reset before its next
+step (its state is unknown).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from gymnasium import Env
+from gymnasium.error import ResetNeeded
+from gymnasium.vector import AutoresetMode
+
+from envfarm.protocol import spaces as space_codec
+from envfarm.protocol.errors import ErrorInfo
+
+EnvErrors = list[list]  # [[global env index, error data], ...]
+
+
+class HostedEnvs:
+    """K envs with global indices `env_ids`, stepped together for one message."""
+
+    def __init__(self, envs: Sequence[Env], env_ids: Sequence[int], autoreset_mode: AutoresetMode):
+        self.envs = list(envs)
+        self.env_ids = list(env_ids)
+        self.autoreset_mode = autoreset_mode
+        self.observation_space = self.envs[0].observation_space
+        self.leaf_spaces = space_codec.leaves(self.observation_space)
+        count = len(self.envs)
+        self.obs_rows: list[np.ndarray | None] = [
+            np.zeros((count, *leaf.shape), leaf.dtype) if space_codec.is_fixed(leaf) else None for leaf in self.leaf_spaces
+        ]
+        self.obs_in_shared_memory = False
+        self.rewards = np.zeros(count, np.float64)
+        self.terminations = np.zeros(count, np.bool_)
+        self.truncations = np.zeros(count, np.bool_)
+        self.autoreset = np.zeros(count, np.bool_)
+        self.failed = np.zeros(count, np.bool_)
+        self._value_leaves: list[list[Any]] = [[None] * count for _ in self.leaf_spaces]
+
+    def use_shared_rows(self, rows: list[np.ndarray | None]) -> None:
+        """Writes observations straight into these (K, ...) views of the trainer's batch buffer."""
+        self.obs_rows = rows
+        self.obs_in_shared_memory = True
+
+    def _store_obs(self, i: int, obs: Any) -> None:
+        for leaf, rows, values, value in zip(self.leaf_spaces, self.obs_rows, self._value_leaves, space_codec.split(self.observation_space, obs)):
+            if rows is not None:
+                rows[i] = value
+            else:
+                values[i] = value
+
+    def _obs_payload(self, local: Sequence[int] | slice) -> list[Any]:
+        """Per leaf: the rows that travel as frames, or None where they are already in shared memory."""
+        payload = []
+        for rows, values in zip(self.obs_rows, self._value_leaves):
+            if rows is None:
+                payload.append(values[local] if isinstance(local, slice) else [values[i] for i in local])
+            else:
+                payload.append(None if self.obs_in_shared_memory else rows[local])
+        return payload
+
+    def _error(self, errors: EnvErrors, i: int, exc: BaseException) -> None:
+        self.failed[i] = True
+        errors.append([self.env_ids[i], ErrorInfo.from_exception(exc).to_data()])
+
+    def reset(self, env_ids: Sequence[int], seeds: Sequence[int | None], options: dict | None) -> dict[str, Any]:
+        local = [self.env_ids.index(env_id) for env_id in env_ids]
+        infos, errors = [], []
+        for i, seed in zip(local, seeds):
+            self.terminations[i] = self.truncations[i] = self.autoreset[i] = False
+            try:
+                obs, info = self.envs[i].reset(seed=seed, options=options)
+                self._store_obs(i, obs)
+                self.failed[i] = False
+            except Exception as exc:
+                self._error(errors, i, exc)
+                info = {}
+            infos.append(info)
+        return {"envs": list(env_ids), "obs": self._obs_payload(local), "infos": infos, "errors": errors}
+
+    def step(self, action_leaves: list[Any]) -> dict[str, Any]:
+        infos, errors = [], []
+        action_space = self.envs[0].action_space
+        for i, env in enumerate(self.envs):
+            info: dict[str, Any] = {}
+            try:
+                if self.failed[i]:
+                    raise ResetNeeded(
+                        f"env {self.env_ids[i]} raised an exception earlier and its state is unknown: "
+                        "reset it (options={'reset_mask': mask}) before stepping it again"
+                    )
+                action = space_codec.join(action_space, (leaf[i] for leaf in action_leaves))
+                info = self._step_one(i, env, action)
+            except Exception as exc:
+                self._error(errors, i, exc)
+                self.rewards[i], self.terminations[i], self.truncations[i] = 0.0, False, False
+            infos.append(info)
+        self.autoreset[:] = self.terminations | self.truncations
+        return {
+            "rewards": self.rewards,
+            "terminated": self.terminations,
+            "truncated": self.truncations,
+            "obs": self._obs_payload(slice(None)),
+            "infos": infos,
+            "errors": errors,
+        }
+
+    def _step_one(self, i: int, env: Env, action: Any) -> dict[str, Any]:
+        """Steps env i under the autoreset mode, exactly as gymnasium.vector.SyncVectorEnv does."""
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP and self.autoreset[i]:
+            obs, info = env.reset()
+            self.rewards[i], self.terminations[i], self.truncations[i] = 0.0, False, False
+        else:
+            obs, self.rewards[i], self.terminations[i], self.truncations[i], info = env.step(action)
+            if self.autoreset_mode == AutoresetMode.SAME_STEP and (self.terminations[i] or self.truncations[i]):
+                final_obs, final_info = obs, info
+                obs, reset_info = env.reset()
+                info = {"final_obs": final_obs, "final_info": final_info, **reset_info}
+        self._store_obs(i, obs)
+        return info
+
+    def call(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        values, errors = [], []
+        for i, env in enumerate(self.envs):
+            value = None
+            try:
+                attr = env.get_wrapper_attr(name)
+                value = attr(*args, **kwargs) if callable(attr) else attr
+            except Exception as exc:
+                errors.append([self.env_ids[i], ErrorInfo.from_exception(exc).to_data()])
+            values.append(value)
+        return {"values": values, "errors": errors}
+
+    def set_attr(self, name: str, values: Sequence[Any]) -> dict[str, Any]:
+        errors = []
+        for i, (env, value) in enumerate(zip(self.envs, values)):
+            try:
+                env.set_wrapper_attr(name, value)
+            except Exception as exc:
+                errors.append([self.env_ids[i], ErrorInfo.from_exception(exc).to_data()])
+        return {"errors": errors}
+
+    def close(self) -> dict[str, Any]:
+        errors = []
+        for i, env in enumerate(self.envs):
+            try:
+                env.close()
+            except Exception as exc:
+                errors.append([self.env_ids[i], ErrorInfo.from_exception(exc).to_data()])
+        return {"errors": errors}
