@@ -113,7 +113,8 @@ class Router:
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
             events = self.poller.poll(wait_ms)
             if not events and deadline is not None and time.monotonic() >= deadline:
-                raise multiprocessing.TimeoutError
+                waiting = ", ".join(worker.describe() for worker in sorted(pending, key=lambda w: w.index))
+                raise multiprocessing.TimeoutError(f"no reply within {timeout} s from {waiting}")
             for fd, _ in events:
                 if fd is self.socket:
                     self._drain(rid, pending, replies)
