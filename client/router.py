@@ -91,7 +91,10 @@ class Router:
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            worker.dead = worker.dead or "is not connected"
+            if worker.process is not None:
+                worker.process.join(0.5)
+            exited = worker.process is not None and worker.process.exitcode is not None
+            worker.dead = worker.dead or (_exit_reason(worker.process) if exited else "is not connected")
             raise self._died(worker) from None
 
     def _died(self, worker: WorkerHandle) -> WorkerDiedError:

@@ -244,15 +244,12 @@ class FarmVectorEnv(VectorEnv):
         if options is not None and "reset_mask" in options:
             options = dict(options)  # Gymnasium pops the mask out of the caller's own dict; we do not
             reset_mask = _check_reset_mask(options.pop("reset_mask"), self.num_envs)
-        rid = self._router.new_rid()
-        targets = []
+        requests = {}
         for worker in self._workers:
             env_ids = [i for i in worker.env_ids if reset_mask is None or reset_mask[i]]
             if env_ids:
-                self._router.send(worker, m.make(m.RESET, rid, envs=env_ids, seeds=[seed[i] for i in env_ids], options=options))
-                targets.append(worker)
-        self._pending = (rid, targets)
-        self._state = AsyncState.WAITING_RESET
+                requests[worker] = {"envs": env_ids, "seeds": [seed[i] for i in env_ids], "options": options}
+        self._send(m.RESET, requests, AsyncState.WAITING_RESET)
 
     def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
         """Waits for the resets sent by `reset_async`.
@@ -304,12 +301,11 @@ class FarmVectorEnv(VectorEnv):
                 f"envs {ended} terminated or truncated and autoreset_mode is DISABLED: reset them with "
                 "`reset(options={'reset_mask': mask})` before the next step"
             )
-        rid = self._router.new_rid()
+        requests = {}
         for worker in self._workers:
             rows = slice(worker.env_ids.start, worker.env_ids.stop)
-            self._router.send(worker, m.make(m.STEP, rid, actions=[leaf[rows] for leaf in leaves]))
-        self._pending = (rid, list(self._workers))
-        self._state = AsyncState.WAITING_STEP
+            requests[worker] = {"actions": [leaf[rows] for leaf in leaves]}
+        self._send(m.STEP, requests, AsyncState.WAITING_STEP)
 
     def _action_leaves(self, actions: Any) -> list[Any]:
         """The batch of actions split into per-leaf batches, each checked against the action space."""
@@ -379,11 +375,7 @@ class FarmVectorEnv(VectorEnv):
             )
         if name in _CALL_RESERVED:
             raise ValueError(f"Trying to call function `{name}` with `call`, use `{name}` directly instead.")
-        rid = self._router.new_rid()
-        for worker in self._workers:
-            self._router.send(worker, m.make(m.CALL, rid, name=name, args=list(args), kwargs=kwargs))
-        self._pending = (rid, list(self._workers))
-        self._state = AsyncState.WAITING_CALL
+        self._send(m.CALL, {worker: {"name": name, "args": list(args), "kwargs": kwargs} for worker in self._workers}, AsyncState.WAITING_CALL)
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
         """Waits for the calls sent by `call_async` and returns one result per env."""
@@ -412,11 +404,8 @@ class FarmVectorEnv(VectorEnv):
             raise AlreadyPendingCallError(
                 f"Calling `set_attr` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
             )
-        rid = self._router.new_rid()
-        for worker in self._workers:
-            self._router.send(worker, m.make(m.SET_ATTR, rid, name=name, values=list(values[worker.env_ids.start : worker.env_ids.stop])))
-        self._pending = (rid, list(self._workers))
-        self._state = AsyncState.WAITING_CALL
+        requests = {worker: {"name": name, "values": list(values[worker.env_ids.start : worker.env_ids.stop])} for worker in self._workers}
+        self._send(m.SET_ATTR, requests, AsyncState.WAITING_CALL)
         self._raise_errors(self._wait("set_attr", None))
 
     # ----------------------------------------------------------------- close
@@ -462,6 +451,18 @@ class FarmVectorEnv(VectorEnv):
             raise ClosedEnvironmentError(f"Trying to operate on `{type(self).__name__}`, after a call to `close()`.")
         if self._failure is not None:
             raise type(self._failure)(f"{self._failure}; close() this vector env and make a new one")
+
+    def _send(self, kind: str, requests: dict[WorkerHandle, dict[str, Any]], state: AsyncState) -> None:
+        """Fans one request out to its workers (all sends before any reply is awaited)."""
+        rid = self._router.new_rid()
+        try:
+            for worker, fields in requests.items():
+                self._router.send(worker, m.make(kind, rid, **fields))
+        except FarmError as e:
+            self._failure = e
+            raise
+        self._pending = (rid, list(requests))
+        self._state = state
 
     def _wait(self, name: str, timeout: float | None) -> list[tuple[WorkerHandle, dict[str, Any]]]:
         """Gathers the pending request's replies in worker order; the state returns to DEFAULT."""

@@ -1,0 +1,160 @@
+"""Workers never outlive the trainer, nothing leaks, and a dead worker is reported, not waited for."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from testenvs import CounterEnv, ScriptedEnv
+
+import envfarm
+
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shm_segments() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_close_frees_processes_and_shared_memory():
+    before = shm_segments()
+    envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, obs="image")] * 4, num_workers=2)
+    assert len(shm_segments() - before) == 1
+    envs.reset(seed=0)
+    pids = [p.pid for p in envs.processes]
+    envs.close()
+    assert not any(pid_alive(pid) for pid in pids)
+    assert shm_segments() == before
+
+
+def test_garbage_collection_frees_everything():
+    before = shm_segments()
+    envs = envfarm.FarmVectorEnv([ScriptedEnv] * 2, num_workers=2)
+    pids = [p.pid for p in envs.processes]
+    del envs
+    assert wait_until(lambda: not any(pid_alive(pid) for pid in pids), 5)
+    assert shm_segments() == before
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_killed_worker_is_reported_by_name_within_a_bounded_time(context):
+    before = shm_segments()
+    envs = envfarm.FarmVectorEnv([functools.partial(CounterEnv, step_sleep=0.01)] * 4, num_workers=2, context=context)
+    try:
+        envs.reset()
+        victim = envs.processes[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(envfarm.WorkerDiedError, match=rf"worker 1 \(.*pid {victim.pid}, envs 2-3\) was killed by SIGKILL"):
+            envs.step(np.zeros(4, dtype=np.int64))
+        assert time.monotonic() - start < 2
+        with pytest.raises(envfarm.WorkerDiedError, match="close\\(\\) this vector env"):
+            envs.step(np.zeros(4, dtype=np.int64))
+    finally:
+        envs.close()
+    assert shm_segments() == before
+    assert not pid_alive(envs.processes[0].pid)
+
+
+def test_worker_that_dies_mid_step_is_reported():
+    envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, crash_at_step=2)] * 2, num_workers=2)
+    try:
+        envs.reset(seed=0)
+        envs.step(np.zeros(2, dtype=np.int64))
+        with pytest.raises(envfarm.WorkerDiedError, match="was killed by SIGKILL"):
+            envs.step(np.zeros(2, dtype=np.int64))
+    finally:
+        envs.close()
+
+
+def test_hung_env_close_is_bounded_and_kills_it():
+    envs = envfarm.FarmVectorEnv([functools.partial(CounterEnv, step_sleep=3600)] * 2, num_workers=1)
+    envs.reset()
+    envs.step_async(np.zeros(2, dtype=np.int64))
+    with pytest.raises(Exception):
+        envs.step_wait(timeout=0.2)
+    start = time.monotonic()
+    envs.close(timeout=1)
+    assert time.monotonic() - start < 4
+    assert not envs.processes[0].is_alive()
+
+
+def run_trainer(script: str) -> subprocess.Popen:
+    code = textwrap.dedent(script)
+    env = {**os.environ, "PYTHONPATH": TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+TRAINER = """
+    import functools, os, sys, numpy as np, envfarm
+    from testenvs import ScriptedEnv
+    envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, obs="image")] * 4, num_workers=2, context="{context}")
+    envs.reset(seed=0)
+    print(" ".join(str(p.pid) for p in envs.processes), flush=True)
+    while True:
+        envs.step(np.zeros(4, dtype=np.int64))
+"""
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_exit_and_shared_memory_is_freed_when_the_trainer_is_killed(context):
+    before = shm_segments()
+    trainer = run_trainer(TRAINER.format(context=context))
+    try:
+        pids = [int(pid) for pid in trainer.stdout.readline().split()]
+        assert len(pids) == 2, trainer.stderr.read()
+        assert len(shm_segments() - before) == 1
+        trainer.kill()
+        trainer.wait(10)
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in pids), 5), "workers outlived the trainer"
+        assert wait_until(lambda: shm_segments() == before, 5), "shared memory outlived the trainer"
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_ctrl_c_gives_one_clean_keyboard_interrupt():
+    before = shm_segments()
+    trainer = run_trainer(TRAINER.format(context="fork"))
+    try:
+        pids = [int(pid) for pid in trainer.stdout.readline().split()]
+        time.sleep(0.3)
+        # Ctrl-C in a terminal signals the whole foreground process group: trainer and workers.
+        for pid in [trainer.pid, *pids]:
+            os.kill(pid, signal.SIGINT)
+        _, stderr = trainer.communicate(timeout=15)
+        assert stderr.count("KeyboardInterrupt") == 1, stderr
+        assert stderr.count("Traceback") == 1, stderr
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in pids), 5)
+        assert wait_until(lambda: shm_segments() == before, 5)
+    finally:
+        trainer.kill()
+        trainer.wait()
