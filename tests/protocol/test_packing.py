@@ -577,9 +577,9 @@ array_ext_payloads = st.tuples(
     st.one_of(
         st.sampled_from(["<f4", ">i2", "u1", "?", "S3", "<U2", "O", "V4", "i4,i4", "(2,)f4", "M8", "S0", "c16", "f2"]),
         st.text(max_size=18),
-        st.integers(),
+        st.integers(-(2**63), 2**63 - 1),
     ),
-    st.one_of(st.lists(st.integers(-2, 5), max_size=5), st.integers(), st.none()),
+    st.one_of(st.lists(st.integers(-2, 5), max_size=5), st.integers(-(2**63), 2**64 - 1), st.none()),
 )
 
 

@@ -1,0 +1,61 @@
+"""The `envfarm` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import gymnasium as gym
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"render_mode\": null}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="envfarm", description="Gymnasium vector environments over ZeroMQ.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a random policy in a local farm and report throughput")
+    run.add_argument("env_id", help="a registered Gymnasium env id, e.g. CartPole-v1")
+    run.add_argument("--num-envs", type=int, default=16)
+    run.add_argument("--steps", type=int, default=100_000, help="env steps in total (default 100000)")
+    run.add_argument("--num-workers", type=int, default=None, help="worker processes (default: one per CPU)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--env-kwargs", type=_json_object, default=None, help="JSON object of env constructor arguments")
+    run.add_argument("--no-shared-memory", action="store_true", help="send observations on the socket")
+    run.add_argument("--context", choices=["fork", "spawn", "forkserver"], default=None)
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from envfarm.run import format_summary, run_random_policy
+
+        if args.num_envs < 1 or args.steps < 1:
+            print("envfarm run: --num-envs and --steps must be at least 1", file=sys.stderr)
+            return 2
+        try:
+            summary = run_random_policy(
+                args.env_id, args.num_envs, args.steps, seed=args.seed, env_kwargs=args.env_kwargs,
+                num_workers=args.num_workers, shared_memory=not args.no_shared_memory, context=args.context,
+            )
+        except gym.error.Error as e:
+            print(f"envfarm run: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\nenvfarm run: interrupted", file=sys.stderr)
+            return 130
+        print(format_summary(summary, args.json))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
