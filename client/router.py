@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from envfarm.channel import TrainerChannels
 from envfarm.client.errors import WorkerDiedError
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ProtocolError
@@ -33,6 +34,7 @@ class WorkerHandle:
     pid: int | None = None
     host: str = ""
     obs_shared: bool = False
+    channel: bool = False  # talks through the trainer's shared-memory channel, not the socket
     dead: str = ""  # why, once it is known to be gone
     hello: dict = field(default_factory=dict)
 
@@ -54,6 +56,9 @@ def _exit_reason(process: Any) -> str:
     return f"exited with code {code}"
 
 
+_CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
+
+
 class Router:
     """Sends requests to workers by ownership and gathers their replies by request id."""
 
@@ -71,6 +76,7 @@ class Router:
         self._sentinels: dict[int, WorkerHandle] = {}
         self._next_rid = 0
         self.stale_replies = 0
+        self.channels: TrainerChannels | None = None
 
     def add(self, worker: WorkerHandle) -> None:
         self.workers[worker.identity] = worker
@@ -82,10 +88,16 @@ class Router:
         self._next_rid += 1
         return self._next_rid
 
+    def use_channels(self, channels: TrainerChannels) -> None:
+        """Local workers that attach to `channels` exchange messages through it from now on."""
+        self.channels = channels
+
     def send(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         if worker.dead:
             raise self._died(worker)
         frames = pack(message, allow_pickle=self.trusted)
+        if worker.channel and self.channels.send(worker.index, frames):
+            return
         try:
             self.socket.send_multipart([worker.identity, *frames], copy=False)
         except zmq.ZMQError as e:
@@ -112,18 +124,45 @@ class Router:
         for worker in pending:
             if worker.dead:
                 raise self._died(worker)
-        while pending:
-            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
-            events = self.poller.poll(wait_ms)
-            if not events and deadline is not None and time.monotonic() >= deadline:
+        while True:
+            self._collect_channels(rid, pending, replies)
+            if not pending:
+                return replies
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 waiting = ", ".join(worker.describe() for worker in sorted(pending, key=lambda w: w.index))
                 raise multiprocessing.TimeoutError(f"no reply within {timeout} s from {waiting}")
+            on_channel = [worker.index for worker in pending if worker.channel]
+            if on_channel:
+                # Replies ring a futex; the socket (a reply too large for its slot) and the worker
+                # processes are looked at between short sleeps.
+                self.channels.wait(on_channel, _CHANNEL_SLICE if remaining is None else min(remaining, _CHANNEL_SLICE))
+                events = self.poller.poll(0)
+            else:
+                events = self.poller.poll(None if remaining is None else int(remaining * 1000) + 1)
             for fd, _ in events:
                 if fd is self.socket:
                     self._drain(rid, pending, replies)
                 else:
                     self._on_exit(fd, rid, pending, replies)
-        return replies
+
+    def _collect_channels(self, rid: int, pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+        for worker in [worker for worker in pending if worker.channel]:
+            seq = self.channels.new_reply(worker.index)
+            if seq is None:
+                continue
+            mailbox = self.channels.replies[worker.index]
+            frames = mailbox.read()
+            if frames is None:
+                continue  # too large for the slot: it comes on the socket
+            try:
+                message = unpack(frames, allow_pickle=self.trusted)
+            except ProtocolError as e:
+                if mailbox.seq.value == seq:
+                    self._malformed(worker, e, pending)
+                continue
+            if mailbox.seq.value == seq:  # else overwritten while read: the newer one is taken next time
+                self._accept(rid, worker, message, pending, replies)
 
     def _drain(self, rid: int, pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         while True:
@@ -135,19 +174,30 @@ class Router:
             if worker is None:
                 continue  # not one of ours: ignore
             try:
-                message = m.check(unpack([f.buffer for f in frames], allow_pickle=self.trusted))
+                message = unpack([f.buffer for f in frames], allow_pickle=self.trusted)
             except ProtocolError as e:
-                worker.dead = f"sent a malformed message ({e})"
-                if worker in pending:
-                    raise self._died(worker) from None
+                self._malformed(worker, e, pending)
                 continue
-            if message["rid"] != rid or worker not in pending:
-                self.stale_replies += 1
-                continue
-            if message["kind"] == m.HELLO:
-                worker.pid, worker.host, worker.hello = message["pid"], message["host"], message
-            replies[worker] = message
-            pending.discard(worker)
+            self._accept(rid, worker, message, pending, replies)
+
+    def _malformed(self, worker: WorkerHandle, error: ProtocolError, pending: set[WorkerHandle]) -> None:
+        worker.dead = f"sent a malformed message ({error})"
+        if worker in pending:
+            raise self._died(worker) from None
+
+    def _accept(self, rid: int, worker: WorkerHandle, message: dict[str, Any], pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+        try:
+            m.check(message)
+        except ProtocolError as e:
+            self._malformed(worker, e, pending)
+            return
+        if message["rid"] != rid or worker not in pending:
+            self.stale_replies += 1
+            return
+        if message["kind"] == m.HELLO:
+            worker.pid, worker.host, worker.hello = message["pid"], message["host"], message
+        replies[worker] = message
+        pending.discard(worker)
 
     def _on_exit(self, sentinel: int, rid: int, pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         """A local worker process has exited: fail the wait if its reply is still owed."""
@@ -155,8 +205,10 @@ class Router:
         self.poller.unregister(sentinel)
         worker.process.join(0.5)
         worker.dead = _exit_reason(worker.process)
-        if worker in pending and self.socket.poll(100):
-            self._drain(rid, pending, replies)  # its last reply may still be in flight
+        if worker in pending:  # its last reply may still be in flight
+            self._collect_channels(rid, pending, replies)
+            if self.socket.poll(100):
+                self._drain(rid, pending, replies)
         if worker in pending:
             raise self._died(worker)
 

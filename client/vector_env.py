@@ -34,6 +34,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
+from envfarm.channel import TrainerChannels
+from envfarm.channel import available as channel_available
 from envfarm.client.errors import FarmError, rebuild
 from envfarm.client.launch import available_cpus, partition, start_local_workers
 from envfarm.client.obs_buffer import ObsBuffer
@@ -43,6 +45,9 @@ from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo
 
 DEFAULT_CLOSE_TIMEOUT = 5.0
+# Busy-wait budgets on the shared-memory channel (see envfarm/channel.py and docs/benchmarks.md).
+WORKER_SPIN_SECONDS = 200e-6
+TRAINER_SPIN_SECONDS = 100e-6
 DEFAULT_STARTUP_TIMEOUT = 120.0
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
 
@@ -114,8 +119,8 @@ class FarmVectorEnv(VectorEnv):
         self._failure: FarmError | None = None
         self._router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
         self._workers: list[WorkerHandle] = []
-        self._buffers: list[ObsBuffer] = []
-        self._release = weakref.finalize(self, _release, self._router, self._workers, self._buffers)
+        self._segments: list[ObsBuffer | TrainerChannels] = []
+        self._release = weakref.finalize(self, _release, self._router, self._workers, self._segments)
         try:
             self._start(partition(self.num_envs, self.num_workers), startup_timeout)
         except BaseException:
@@ -154,15 +159,35 @@ class FarmVectorEnv(VectorEnv):
         self._set_spaces(obs_spaces, action_spaces)
 
         buffer = ObsBuffer(self.single_observation_space, self.num_envs, shared=self.shared_memory)
-        self._buffers.append(buffer)
-        if buffer.descriptor is not None:
-            rid = self._router.new_rid()
-            for worker in self._workers:
-                self._router.send(worker, m.make(m.ATTACH, rid, shm=buffer.descriptor))
-            for worker, reply in self._replies(self._router.gather(rid, self._workers, timeout)):
-                worker.obs_shared = reply["kind"] == m.ATTACHED and reply["ok"]
-                if not worker.obs_shared:
-                    logger.warn(f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason')}); its observations travel on the socket")
+        self._segments.append(buffer)
+        channels = self._make_channels() if self.shared_memory else None
+        if buffer.descriptor is None and channels is None:
+            return
+        rid = self._router.new_rid()
+        for worker in self._workers:
+            channel = None if channels is None else {**channels.descriptor(worker.index), "spin": WORKER_SPIN_SECONDS}
+            self._router.send(worker, m.make(m.ATTACH, rid, obs=buffer.descriptor, channel=channel))
+        for worker, reply in self._replies(self._router.gather(rid, self._workers, timeout)):
+            attached = reply["kind"] == m.ATTACHED
+            worker.obs_shared = attached and reply["obs"]
+            worker.channel = attached and reply["channel"]
+            if (buffer.descriptor is not None and not worker.obs_shared) or (channels is not None and not worker.channel):
+                logger.warn(f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket")
+        if channels is not None:
+            self._router.use_channels(channels)
+
+    def _make_channels(self) -> TrainerChannels | None:
+        """Shared-memory mailboxes for the local workers, sized for this env's messages."""
+        if not channel_available():
+            return None
+        block = max(len(worker.env_ids) for worker in self._workers)
+        _, obs_bytes = space_codec.shm_layout(self.single_observation_space, block)
+        _, action_bytes = space_codec.shm_layout(self.single_action_space, block)
+        # The trainer sleeps rather than spins when every CPU already has a worker to run.
+        spin = TRAINER_SPIN_SECONDS if self.num_workers < available_cpus() else 0.0
+        channels = TrainerChannels(self.num_workers, (64 << 10) + 2 * action_bytes, (1 << 20) + 2 * obs_bytes, spin)
+        self._segments.append(channels)
+        return channels
 
     def _set_spaces(self, obs_spaces: list[Space], action_spaces: list[Space]) -> None:
         """The four spaces, chosen and checked exactly as AsyncVectorEnv does."""
@@ -444,7 +469,7 @@ class FarmVectorEnv(VectorEnv):
 
     @property
     def _buffer(self) -> ObsBuffer:
-        return self._buffers[0]
+        return self._segments[0]
 
     def _assert_is_running(self) -> None:
         if self.closed:
@@ -534,7 +559,7 @@ def _check_reset_mask(reset_mask: Any, num_envs: int) -> np.ndarray:
     return reset_mask
 
 
-def _release(router: Router, workers: list[WorkerHandle], buffers: list[ObsBuffer]) -> None:
+def _release(router: Router, workers: list[WorkerHandle], segments: list[ObsBuffer | TrainerChannels]) -> None:
     """Frees everything a FarmVectorEnv holds; runs once, from close(), garbage collection or exit."""
     for worker in workers:
         if worker.process is not None and worker.process.is_alive():
@@ -543,5 +568,5 @@ def _release(router: Router, workers: list[WorkerHandle], buffers: list[ObsBuffe
         if worker.process is not None:
             worker.process.join()
     router.close()
-    for buffer in buffers:
-        buffer.close()
+    for segment in segments:
+        segment.close()

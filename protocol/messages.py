@@ -5,7 +5,7 @@ request, so a late reply to an abandoned request is recognised and dropped. The 
 
     worker  -> HELLO   {version, pid, host}                 once, on connecting
     trainer -> CREATE  {envs, source, autoreset_mode}       -> CREATED {spaces, metadata, render_mode}
-    trainer -> ATTACH  {shm}                                -> ATTACHED {ok, reason}
+    trainer -> ATTACH  {obs, channel}                       -> ATTACHED {obs, channel, reason}
     trainer -> RESET   {envs, seeds, options}               -> RESULT {envs, obs, infos, errors}
     trainer -> STEP    {actions}                            -> RESULT {rewards, terminated, truncated, obs, infos, errors}
     trainer -> CALL    {name, args, kwargs}                 -> RESULT {values, errors}
@@ -46,8 +46,8 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     HELLO: {"version": int, "pid": int, "host": str},
     CREATE: {"envs": _list, "source": dict, "autoreset_mode": str},
     CREATED: {"spaces": _list, "metadata": dict, "render_mode": (str, type(None))},
-    ATTACH: {"shm": dict},
-    ATTACHED: {"ok": bool, "reason": str},
+    ATTACH: {"obs": _opt_dict, "channel": _opt_dict},
+    ATTACHED: {"obs": bool, "channel": bool, "reason": str},
     RESET: {"envs": _list, "seeds": _list, "options": _opt_dict},
     STEP: {"actions": _list},
     CALL: {"name": str, "args": _list, "kwargs": dict},
@@ -73,8 +73,9 @@ def check(message: dict[str, Any]) -> dict[str, Any]:
     if type(rid) is not int:
         raise ProtocolError(f"{kind} message has no integer 'rid'")
     for name, types in fields.items():
-        if not isinstance(message.get(name), types):
-            raise ProtocolError(f"{kind} message field {name!r} must be {_names(types)}, got {type(message.get(name)).__name__}")
+        value = message.get(name)
+        if not isinstance(value, types) or (types is int and type(value) is bool):
+            raise ProtocolError(f"{kind} message field {name!r} must be {_names(types)}, got {type(value).__name__}")
     if kind == HELLO and message["version"] != PROTOCOL_VERSION:
         raise ProtocolError(f"peer speaks envfarm protocol version {message['version']}, this side speaks {PROTOCOL_VERSION}")
     return message

@@ -40,47 +40,51 @@ class Limits:
     max_frames: int = 1 << 16
     max_array_bytes: int = 4 << 30
     max_ndim: int = 32
+    max_tuple_depth: int = 32  # each level is a nested msgpack decode on the C stack
 
 
 DEFAULT_LIMITS = Limits()
+# Array metadata holds only ints and a str: one shared packer serves it (never re-entered).
+_pack_meta = msgpack.Packer(use_bin_type=True).pack
 Frame = bytes | memoryview
 
 
-def _check_dtype(dtype: np.dtype) -> None:
-    if dtype.kind not in ALLOWED_DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise TypeError(f"envfarm carries numpy arrays of plain numbers or strings, not dtype {dtype}")
+_allowed_dtypes: dict[np.dtype, str] = {}  # dtype -> its wire name, for dtypes already checked
+
+
+def _wire_dtype(dtype: np.dtype) -> str:
+    name = _allowed_dtypes.get(dtype)
+    if name is None:
+        if dtype.kind not in ALLOWED_DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise TypeError(f"envfarm carries numpy arrays of plain numbers or strings, not dtype {dtype}")
+        name = _allowed_dtypes[dtype] = dtype.str
+    return name
+
+
+_parsed_dtypes: dict[str, np.dtype] = {}
+
+
+def _parse_dtype(name: Any) -> np.dtype:
+    dtype = _parsed_dtypes.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        if not isinstance(name, str) or len(name) > 16:
+            raise ProtocolError(f"bad dtype {name!r:.40}")
+        try:
+            dtype = np.dtype(name)
+            _wire_dtype(dtype)
+        except TypeError as e:
+            raise ProtocolError(str(e)) from None
+        if len(_parsed_dtypes) < 1024:
+            _parsed_dtypes[name] = dtype
+    return dtype
 
 
 def pack(message: dict[str, Any], *, allow_pickle: bool = False) -> list[Frame]:
     """Encodes a message as [header, *array frames]. Raises TypeError for what it cannot carry."""
-    frames: list[Frame] = [b""]
-
-    def default(obj: Any) -> Any:
-        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
-            _check_dtype(obj.dtype)
-            frames.append(np.ascontiguousarray(obj).reshape(-1).view(np.uint8))
-            return msgpack.ExtType(EXT_ARRAY, msgpack.packb((len(frames) - 1, obj.dtype.str, obj.shape)))
-        if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
-            array = np.asarray(obj)
-            _check_dtype(array.dtype)
-            frames.append(array.tobytes())
-            return msgpack.ExtType(EXT_SCALAR, msgpack.packb((len(frames) - 1, array.dtype.str, ())))
-        if type(obj) is tuple:
-            return msgpack.ExtType(EXT_TUPLE, packer(list(obj)))
-        if isinstance(obj, dict):  # an OrderedDict and friends travel as plain dicts
-            return dict(obj)
-        if allow_pickle:
-            return msgpack.ExtType(EXT_PICKLE, cloudpickle.dumps(obj))
-        raise TypeError(
-            f"cannot send a value of type {type(obj).__qualname__} over an untrusted link: "
-            "use numbers, strings, bytes, lists, tuples, dicts and numpy arrays"
-        )
-
-    def packer(obj: Any) -> bytes:
-        return msgpack.packb(obj, default=default, use_bin_type=True, strict_types=True)
-
-    frames[0] = packer(message)
-    return frames
+    try:
+        return _Encoder(allow_pickle).encode(message)
+    except (ValueError, OverflowError) as e:  # e.g. an int over 64 bits, a str with a lone surrogate
+        raise TypeError(f"cannot send this message: {type(e).__name__}: {e}") from None
 
 
 def unpack(frames: Sequence[Frame], *, allow_pickle: bool = False, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
@@ -89,46 +93,10 @@ def unpack(frames: Sequence[Frame], *, allow_pickle: bool = False, limits: Limit
         raise ProtocolError("empty message: expected a header frame")
     if len(frames) - 1 > limits.max_frames:
         raise ProtocolError(f"message has {len(frames) - 1} array frames, more than the limit {limits.max_frames}")
-    header = frames[0]
-    if len(header) > limits.max_header_bytes:
-        raise ProtocolError(f"header of {len(header)} bytes is over the limit of {limits.max_header_bytes}")
-
-    def array_from(data: bytes, scalar: bool) -> Any:
-        index, dtype_str, shape = msgpack.unpackb(data, use_list=True)
-        if not (isinstance(index, int) and 1 <= index < len(frames)):
-            raise ProtocolError(f"array refers to frame {index!r}, but the message has {len(frames) - 1}")
-        if not isinstance(dtype_str, str) or len(dtype_str) > 16:
-            raise ProtocolError(f"bad dtype {dtype_str!r:.40}")
-        dtype = np.dtype(dtype_str)
-        try:
-            _check_dtype(dtype)
-        except TypeError as e:
-            raise ProtocolError(str(e)) from None
-        if not (isinstance(shape, list) and len(shape) <= limits.max_ndim and all(type(d) is int and d >= 0 for d in shape)):
-            raise ProtocolError(f"bad array shape {shape!r:.80}")
-        size = math.prod(shape) * dtype.itemsize
-        buffer = frames[index]
-        if size > limits.max_array_bytes or size != len(buffer):
-            raise ProtocolError(f"array of dtype {dtype} and shape {tuple(shape)} needs {size} bytes, its frame has {len(buffer)}")
-        array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
-        return array[()] if scalar else array.copy()
-
-    def ext_hook(code: int, data: bytes) -> Any:
-        if code == EXT_ARRAY or code == EXT_SCALAR:
-            return array_from(data, scalar=code == EXT_SCALAR)
-        if code == EXT_TUPLE:
-            return tuple(unpacker(data))
-        if code == EXT_PICKLE:
-            if not allow_pickle:
-                raise ProtocolError("refused a pickled value: this link is not trusted")
-            return pickle.loads(data)
-        raise ProtocolError(f"unknown msgpack extension type {code}")
-
-    def unpacker(data: Frame) -> Any:
-        return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
-
+    if len(frames[0]) > limits.max_header_bytes:
+        raise ProtocolError(f"header of {len(frames[0])} bytes is over the limit of {limits.max_header_bytes}")
     try:
-        message = unpacker(header)
+        message = _Decoder(frames, allow_pickle, limits).decode(frames[0])
     except ProtocolError:
         raise
     except Exception as e:  # msgpack and numpy raise many kinds on garbage; all mean the same here
@@ -136,3 +104,87 @@ def unpack(frames: Sequence[Frame], *, allow_pickle: bool = False, limits: Limit
     if not isinstance(message, dict):
         raise ProtocolError(f"a message header must be a map, got {type(message).__name__}")
     return message
+
+
+# Encoder and decoder are small objects rather than closures: closures that call each other form
+# reference cycles, which would keep every message's frames (shared-memory views among them)
+# alive until the cyclic garbage collector runs.
+class _Encoder:
+    def __init__(self, allow_pickle: bool):
+        self.allow_pickle = allow_pickle
+        self.frames: list[Frame] = [b""]
+
+    def encode(self, message: dict[str, Any]) -> list[Frame]:
+        self.frames[0] = self.packb(message)
+        return self.frames
+
+    def packb(self, obj: Any) -> bytes:
+        return msgpack.packb(obj, default=self.default, use_bin_type=True, strict_types=True)
+
+    def default(self, obj: Any) -> Any:
+        frames = self.frames
+        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+            name = _wire_dtype(obj.dtype)
+            frames.append((obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)).reshape(-1).view(np.uint8))
+            return msgpack.ExtType(EXT_ARRAY, _pack_meta((len(frames) - 1, name, obj.shape)))
+        if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
+            array = np.asarray(obj)  # an empty string scalar has itemsize 0; its array has 1
+            name = _wire_dtype(array.dtype)
+            frames.append(array.tobytes())
+            return msgpack.ExtType(EXT_SCALAR, _pack_meta((len(frames) - 1, name, ())))
+        if type(obj) is tuple:
+            return msgpack.ExtType(EXT_TUPLE, self.packb(list(obj)))
+        if isinstance(obj, dict):  # an OrderedDict and friends travel as plain dicts
+            return dict(obj)
+        if self.allow_pickle:
+            return msgpack.ExtType(EXT_PICKLE, cloudpickle.dumps(obj))
+        raise TypeError(
+            f"cannot send a value of type {type(obj).__qualname__} over an untrusted link: "
+            "use numbers, strings, bytes, lists, tuples, dicts and numpy arrays"
+        )
+
+
+class _Decoder:
+    def __init__(self, frames: Sequence[Frame], allow_pickle: bool, limits: Limits):
+        self.frames = frames
+        self.allow_pickle = allow_pickle
+        self.limits = limits
+        self.depth = 0
+
+    def decode(self, data: Frame) -> Any:
+        return msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=False)
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == EXT_ARRAY or code == EXT_SCALAR:
+            return self.array(data, scalar=code == EXT_SCALAR)
+        if code == EXT_TUPLE:
+            self.depth += 1
+            if self.depth > self.limits.max_tuple_depth:
+                raise ProtocolError(f"tuples nested deeper than the limit of {self.limits.max_tuple_depth}")
+            value = tuple(self.decode(data))
+            self.depth -= 1
+            return value
+        if code == EXT_PICKLE:
+            if not self.allow_pickle:
+                raise ProtocolError("refused a pickled value: this link is not trusted")
+            return pickle.loads(data)
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+
+    def array(self, data: bytes, scalar: bool) -> Any:
+        frames, limits = self.frames, self.limits
+        index, dtype_name, shape = msgpack.unpackb(data, use_list=True)
+        if not (type(index) is int and 1 <= index < len(frames)):
+            raise ProtocolError(f"array refers to frame {index!r}, but the message has {len(frames) - 1}")
+        dtype = _parse_dtype(dtype_name)
+        if not (isinstance(shape, list) and len(shape) <= limits.max_ndim and all(type(d) is int and d >= 0 for d in shape)):
+            raise ProtocolError(f"bad array shape {shape!r:.80}")
+        if scalar and shape:
+            raise ProtocolError(f"a numpy scalar must have shape [], got {shape!r:.80}")
+        size = math.prod(shape) * dtype.itemsize
+        if size > limits.max_array_bytes:
+            raise ProtocolError(f"array of dtype {dtype} and shape {tuple(shape)} is {size} bytes, over the limit of {limits.max_array_bytes}")
+        buffer = frames[index]
+        if size != len(buffer):
+            raise ProtocolError(f"array of dtype {dtype} and shape {tuple(shape)} needs {size} bytes, its frame has {len(buffer)}")
+        array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return array[()] if scalar else array.copy()

@@ -30,7 +30,11 @@ class UnsupportedSpaceError(TypeError):
 def encode_space(space: spaces.Space) -> dict[str, Any]:
     """Describes a space as plain data."""
     if isinstance(space, spaces.Box):
-        return {"type": "Box", "low": space.low, "high": space.high, "dtype": space.dtype.str}
+        # An integer Box keeps infinite bounds as its dtype's limits plus these flags.
+        return {
+            "type": "Box", "low": space.low, "high": space.high, "dtype": space.dtype.str,
+            "bounded_below": space.bounded_below, "bounded_above": space.bounded_above,
+        }
     if isinstance(space, spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n), "start": int(space.start), "dtype": space.dtype.str}
     if isinstance(space, spaces.MultiDiscrete):
@@ -66,16 +70,24 @@ def decode_space(data: Any) -> spaces.Space:
 
 
 _DECODERS: dict[str, Callable[[dict], spaces.Space]] = {
-    "Box": lambda d: spaces.Box(d["low"], d["high"], dtype=np.dtype(d["dtype"])),
+    "Box": lambda d: _box(d),
     "Discrete": lambda d: spaces.Discrete(d["n"], start=d["start"], dtype=np.dtype(d["dtype"])),
     "MultiDiscrete": lambda d: spaces.MultiDiscrete(d["nvec"], start=d["start"], dtype=np.dtype(d["dtype"])),
     "MultiBinary": lambda d: spaces.MultiBinary(d["n"]),
     "Text": lambda d: spaces.Text(d["max_length"], min_length=d["min_length"], charset=d["charset"]),
-    "Dict": lambda d: spaces.Dict({key: decode_space(sub) for key, sub in d["spaces"]}),
+    "Dict": lambda d: spaces.Dict([(key, decode_space(sub)) for key, sub in d["spaces"]]),  # pairs keep their order
     "Tuple": lambda d: spaces.Tuple([decode_space(sub) for sub in d["spaces"]]),
     "Sequence": lambda d: spaces.Sequence(decode_space(d["feature_space"]), stack=d["stack"]),
     "OneOf": lambda d: spaces.OneOf([decode_space(sub) for sub in d["spaces"]]),
 }
+
+
+def _box(data: dict) -> spaces.Box:
+    box = spaces.Box(data["low"], data["high"], dtype=np.dtype(data["dtype"]))
+    for flag in ("bounded_below", "bounded_above"):
+        if flag in data:
+            setattr(box, flag, np.asarray(data[flag], dtype=bool).reshape(box.shape) & getattr(box, flag))
+    return box
 
 
 def leaves(space: spaces.Space) -> list[spaces.Space]:

@@ -42,6 +42,9 @@ class HostedEnvs:
         self.autoreset = np.zeros(count, np.bool_)
         self.failed = np.zeros(count, np.bool_)
         self._value_leaves: list[list[Any]] = [[None] * count for _ in self.leaf_spaces]
+        self._action_space = self.envs[0].action_space
+        self._nested_obs = len(self.leaf_spaces) > 1 or self.leaf_spaces[0] is not self.observation_space
+        self._nested_action = len(space_codec.leaves(self._action_space)) > 1 or space_codec.leaves(self._action_space)[0] is not self._action_space
 
     def use_shared_rows(self, rows: list[np.ndarray | None]) -> None:
         """Writes observations straight into these (K, ...) views of the trainer's batch buffer."""
@@ -49,11 +52,17 @@ class HostedEnvs:
         self.obs_in_shared_memory = True
 
     def _store_obs(self, i: int, obs: Any) -> None:
-        for leaf, rows, values, value in zip(self.leaf_spaces, self.obs_rows, self._value_leaves, space_codec.split(self.observation_space, obs)):
+        leaf_values = space_codec.split(self.observation_space, obs) if self._nested_obs else (obs,)
+        for rows, values, value in zip(self.obs_rows, self._value_leaves, leaf_values):
             if rows is not None:
                 rows[i] = value
             else:
                 values[i] = value
+
+    def _action(self, action_leaves: list[Any], i: int) -> Any:
+        if self._nested_action:
+            return space_codec.join(self._action_space, (leaf[i] for leaf in action_leaves))
+        return action_leaves[0][i]
 
     def _obs_payload(self, local: Sequence[int] | slice) -> list[Any]:
         """Per leaf: the rows that travel as frames, or None where they are already in shared memory."""
@@ -86,7 +95,6 @@ class HostedEnvs:
 
     def step(self, action_leaves: list[Any]) -> dict[str, Any]:
         infos, errors = [], []
-        action_space = self.envs[0].action_space
         for i, env in enumerate(self.envs):
             info: dict[str, Any] = {}
             try:
@@ -95,8 +103,7 @@ class HostedEnvs:
                         f"env {self.env_ids[i]} raised an exception earlier and its state is unknown: "
                         "reset it (options={'reset_mask': mask}) before stepping it again"
                     )
-                action = space_codec.join(action_space, (leaf[i] for leaf in action_leaves))
-                info = self._step_one(i, env, action)
+                info = self._step_one(i, env, self._action(action_leaves, i))
             except Exception as exc:
                 self._error(errors, i, exc)
                 self.rewards[i], self.terminations[i], self.truncations[i] = 0.0, False, False

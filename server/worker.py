@@ -24,7 +24,8 @@ from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
-from envfarm.server import shared_rows
+from envfarm import channel as shm_channel
+from envfarm.server import shared_memory
 from envfarm.server.hosted_envs import HostedEnvs
 
 _PR_SET_PDEATHSIG = 1
@@ -60,23 +61,44 @@ class Worker:
         self.socket.setsockopt(zmq.LINGER, 1000)
         self.socket.connect(endpoint)
         self.envs: HostedEnvs | None = None
+        self.channel: shm_channel.WorkerEnd | None = None
+        self.next_channel: shm_channel.WorkerEnd | None = None
+        self.segments: list = []  # mappings of the trainer's shared memory, kept open
 
     def send(self, message: dict[str, Any]) -> None:
         try:
             frames = pack(message, allow_pickle=self.trusted)
         except TypeError as e:
             frames = pack(m.make(m.ERROR, message["rid"], error=ErrorInfo.from_exception(e).to_data()))
-        self.socket.send_multipart(frames, copy=False)
+        if self.channel is None or not self.channel.send(frames):
+            self.socket.send_multipart(frames, copy=False)
+
+    def receive(self) -> dict[str, Any] | None:
+        """The next request; None if the trainer replaced it while it was being read."""
+        if self.channel is None:
+            return unpack([f.buffer for f in self.socket.recv_multipart(copy=False)], allow_pickle=self.trusted)
+        seq = self.channel.wait()
+        frames = self.channel.requests.read()
+        if frames is None:  # too large for the slot: it came on the socket
+            return unpack([f.buffer for f in self.socket.recv_multipart(copy=False)], allow_pickle=self.trusted)
+        try:
+            message = unpack(frames, allow_pickle=self.trusted)
+        except ProtocolError:
+            if self.channel.requests.seq.value != seq:
+                return None
+            raise
+        return message if self.channel.requests.seq.value == seq else None
 
     def serve(self) -> None:
         self.send(m.make(m.HELLO, 0, version=m.PROTOCOL_VERSION, pid=os.getpid(), host=socket.gethostname()))
         try:
             while True:
-                frames = self.socket.recv_multipart(copy=False)
                 rid = 0
                 try:
-                    message = m.check(unpack([f.buffer for f in frames], allow_pickle=self.trusted))
-                    rid = message["rid"]
+                    message = self.receive()
+                    if message is None:
+                        continue
+                    rid = m.check(message)["rid"]
                     reply = self.handle(message)
                 except Exception as exc:  # errors are data: report and keep serving
                     self.send(m.make(m.ERROR, rid, error=ErrorInfo.from_exception(exc).to_data()))
@@ -84,6 +106,8 @@ class Worker:
                 self.send(reply)
                 if message["kind"] == m.CLOSE:
                     return
+                if self.next_channel is not None:  # ATTACHED went on the socket; the rest goes here
+                    self.channel, self.next_channel = self.next_channel, None
         finally:
             self.socket.close(linger=1000)
             self.context.term()
@@ -95,7 +119,7 @@ class Worker:
         if kind == m.HEARTBEAT:
             return m.make(m.HEARTBEAT, rid)
         if kind == m.ATTACH:
-            return m.make(m.ATTACHED, rid, **self.attach(message["shm"]))
+            return m.make(m.ATTACHED, rid, **self.attach(message))
         envs = self.envs
         if envs is None:
             raise ProtocolError(f"{kind} before CREATE: this worker hosts no envs yet")
@@ -139,13 +163,26 @@ class Worker:
                 return space
             raise
 
-    def attach(self, descriptor: dict[str, Any]) -> dict[str, Any]:
+    def attach(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Maps the trainer's observation buffer and message channel where the nonce probe succeeds."""
         if self.envs is None:
             raise ProtocolError("ATTACH before CREATE")
-        first, count = self.envs.env_ids[0], len(self.envs.env_ids)
-        if self.envs.env_ids != list(range(first, first + count)):
-            return {"ok": False, "reason": "this worker's envs are not a contiguous block of rows"}
-        rows, reason = shared_rows.attach(descriptor, first, count)
-        if rows is not None:
-            self.envs.use_shared_rows(rows)
-        return {"ok": rows is not None, "reason": reason}
+        reasons, obs_ok, channel_ok = [], False, False
+        if message["obs"] is not None:
+            first, count = self.envs.env_ids[0], len(self.envs.env_ids)
+            segment, reason = shared_memory.map_segment(message["obs"])
+            if segment is not None and self.envs.env_ids != list(range(first, first + count)):
+                segment, reason = None, "this worker's envs are not a contiguous block of rows"
+            if segment is not None:
+                self.segments.append(segment)
+                self.envs.use_shared_rows(shared_memory.obs_rows(segment, message["obs"].get("layout", []), first, count))
+                obs_ok = True
+            reasons.append(reason)
+        if message["channel"] is not None and shm_channel.available():
+            segment, reason = shared_memory.map_segment(message["channel"])
+            if segment is not None:
+                self.segments.append(segment)
+                self.next_channel = shm_channel.WorkerEnd(memoryview(segment), message["channel"], message["channel"].get("spin", 0.0))
+                channel_ok = True
+            reasons.append(reason)
+        return {"obs": obs_ok, "channel": channel_ok, "reason": "; ".join(r for r in reasons if r)}

@@ -99,16 +99,20 @@ charsets = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_si
 
 
 @st.composite
-def texts(draw):
+def texts(draw, sampleable: bool = False):
     min_length = draw(st.integers(0, 5))
     max_length = draw(st.integers(max(min_length, 1), 12))
     if draw(st.booleans()):
         return spaces.Text(max_length, min_length=min_length)
-    return spaces.Text(max_length, min_length=min_length, charset=draw(charsets))
+    charset = draw(charsets)
+    if sampleable:
+        # Gymnasium's Text.sample goes through a numpy 'U' array, which drops "\0" characters
+        charset = charset.replace("\0", "") or "a"
+    return spaces.Text(max_length, min_length=min_length, charset=charset)
 
 
 def leaf_spaces(sampleable: bool = False):
-    return st.one_of(boxes(sampleable), discretes(), multi_discretes(), multi_binaries, texts())
+    return st.one_of(boxes(sampleable), discretes(), multi_discretes(), multi_binaries, texts(sampleable))
 
 
 keys = st.text("abcdefghij_", min_size=1, max_size=6)
@@ -130,7 +134,7 @@ def nested_spaces(sampleable: bool = False):
 def dict_tuple_spaces(sampleable: bool = False):
     """Nested Dict/Tuple spaces whose leaves are anything, the shape split/join and shm_layout work on."""
     other = st.one_of(
-        texts(),
+        texts(sampleable),
         st.builds(spaces.Sequence, leaf_spaces(sampleable), stack=st.booleans()),
         st.lists(leaf_spaces(sampleable), min_size=1, max_size=2).map(spaces.OneOf),
     )
@@ -201,18 +205,15 @@ def test_box_round_trip(space):
 
 
 def test_box_with_infinite_float_bounds():
-    space = spaces.Box(np.array([-np.inf, 0.0, -1.0]), np.array([np.inf, np.inf, 2.5]), dtype=np.float32)
+    low = np.array([-np.inf, 0.0, -1.0], np.float32)
+    high = np.array([np.inf, np.inf, 2.5], np.float32)
+    space = spaces.Box(low, high, dtype=np.float32)
     got = over_the_wire(space)
     assert_same_space(got, space)
     np.testing.assert_array_equal(got.bounded_below, [False, True, True])
     np.testing.assert_array_equal(got.bounded_above, [False, False, True])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spaces.py encode_space: an integer Box built with infinite bounds stores iinfo min/max as its bounds "
-    "and bounded_below/above=False; only the bounds travel, so the decoded Box reports is_bounded() == True",
-)
 def test_integer_box_with_infinite_bounds_stays_unbounded():
     space = spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.int32)
     assert not space.is_bounded("both")
@@ -289,12 +290,6 @@ def test_dict_with_int_keys():
     ],
     ids=["OrderedDict", "pairs", "sort_keys=False"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="spaces.py _DECODERS['Dict'] rebuilds the space with spaces.Dict({...}), which sorts the keys: a Dict "
-    "whose keys are not in sorted order comes back with another key order, so leaves()/split()/shm_layout() "
-    "disagree between the two sides although Dict.__eq__ (order-blind) says the spaces are equal",
-)
 def test_dict_key_order_survives_the_trip(space):
     got = over_the_wire(space)
     assert list(got.spaces) == list(space.spaces)
@@ -305,7 +300,7 @@ def test_encoded_space_is_plain_data():
     encoded = encode_space(spaces.Dict({"a": spaces.Box(0, 1, (2,)), "b": spaces.Tuple([spaces.Discrete(3)])}))
     assert encoded["type"] == "Dict"
     frames = pack({"s": encoded})  # no pickle needed
-    assert len(frames) == 3  # header + Box low + Box high
+    assert len(frames) == 5  # header + Box low, high, bounded_below, bounded_above
 
 
 def test_decode_space_passes_a_space_object_through():
@@ -324,7 +319,7 @@ def test_decode_space_passes_a_space_object_through():
         {"type": "Nope"},
         {"type": "Box"},
         {"type": "Box", "low": np.zeros(2), "high": np.zeros(3), "dtype": "<f4"},
-        {"type": "Box", "low": np.ones(2), "high": np.zeros(2), "dtype": "<f4"},
+        {"type": "Box", "low": np.ones(2, "f4"), "high": np.zeros(2, "f4"), "dtype": "<f4"},
         {"type": "Discrete", "n": 0, "start": 0, "dtype": "<i8"},
         {"type": "Discrete", "n": 3, "start": 0, "dtype": "<f8"},
         {"type": "MultiBinary", "n": -1},
@@ -372,7 +367,11 @@ def test_unsupported_space_names_the_class(space, name):
 
 # --------------------------------------------------------------------------- samples
 
+# Gymnasium's Box(dtype=bool, shape=()).sample() returns a numpy scalar, and Box.contains warns on it
+gym_scalar_sample_warning = pytest.mark.filterwarnings("ignore:.*Casting input x to numpy array")
 
+
+@gym_scalar_sample_warning
 @SLOWER
 @given(space=nested_spaces(sampleable=True), seed=st.integers(0, 2**32 - 1))
 def test_samples_survive_packing_and_stay_in_the_space(space, seed):
@@ -383,6 +382,7 @@ def test_samples_survive_packing_and_stay_in_the_space(space, seed):
     assert over_the_wire(space).contains(got)
 
 
+@gym_scalar_sample_warning
 @SLOWER
 @given(space=dict_tuple_spaces(sampleable=True), seed=st.integers(0, 2**32 - 1))
 def test_split_join_round_trip(space, seed):
