@@ -63,6 +63,11 @@ class ObsBuffer:
             leaves = (leaf if isinstance(leaf, np.ndarray) else tuple(leaf) for leaf in self.leaves)
         return space_codec.join(self.space, leaves)
 
+    def rows(self, env_ids: Sequence[int]) -> Any:
+        """A new batch holding the observations of these envs, in this order."""
+        leaves = (leaf[env_ids] if isinstance(leaf, np.ndarray) else tuple(leaf[i] for i in env_ids) for leaf in self.leaves)
+        return space_codec.join(self.space, leaves)
+
     def close(self) -> None:
         if self.shm is not None:
             self.leaves = []  # drop the views before closing the mapping

@@ -118,15 +118,20 @@ class Router:
         Raises multiprocessing.TimeoutError after `timeout` seconds (None: no limit), and
         WorkerDiedError as soon as one of them is gone.
         """
-        pending = set(workers)
+        return self.collect({worker: rid for worker in workers}, timeout, wait_all=True)
+
+    def collect(self, expected: dict[WorkerHandle, int], timeout: float | None, wait_all: bool) -> dict[WorkerHandle, dict[str, Any]]:
+        """Waits for each worker's reply to the request id `expected[worker]`: for all of them, or
+        (wait_all=False) for at least one. Any other reply is stale and dropped."""
+        pending = dict(expected)
         replies: dict[WorkerHandle, dict[str, Any]] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
         for worker in pending:
             if worker.dead:
                 raise self._died(worker)
         while True:
-            self._collect_channels(rid, pending, replies)
-            if not pending:
+            self._collect_channels(pending, replies)
+            if not pending or (replies and not wait_all):
                 return replies
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -142,11 +147,11 @@ class Router:
                 events = self.poller.poll(None if remaining is None else int(remaining * 1000) + 1)
             for fd, _ in events:
                 if fd is self.socket:
-                    self._drain(rid, pending, replies)
+                    self._drain(pending, replies)
                 else:
-                    self._on_exit(fd, rid, pending, replies)
+                    self._on_exit(fd, pending, replies)
 
-    def _collect_channels(self, rid: int, pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+    def _collect_channels(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         for worker in [worker for worker in pending if worker.channel]:
             seq = self.channels.new_reply(worker.index)
             if seq is None:
@@ -162,9 +167,9 @@ class Router:
                     self._malformed(worker, e, pending)
                 continue
             if mailbox.seq.value == seq:  # else overwritten while read: the newer one is taken next time
-                self._accept(rid, worker, message, pending, replies)
+                self._accept(worker, message, pending, replies)
 
-    def _drain(self, rid: int, pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+    def _drain(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         while True:
             try:
                 identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -178,37 +183,37 @@ class Router:
             except ProtocolError as e:
                 self._malformed(worker, e, pending)
                 continue
-            self._accept(rid, worker, message, pending, replies)
+            self._accept(worker, message, pending, replies)
 
-    def _malformed(self, worker: WorkerHandle, error: ProtocolError, pending: set[WorkerHandle]) -> None:
+    def _malformed(self, worker: WorkerHandle, error: ProtocolError, pending: dict[WorkerHandle, int]) -> None:
         worker.dead = f"sent a malformed message ({error})"
         if worker in pending:
             raise self._died(worker) from None
 
-    def _accept(self, rid: int, worker: WorkerHandle, message: dict[str, Any], pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+    def _accept(self, worker: WorkerHandle, message: dict[str, Any], pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         try:
             m.check(message)
         except ProtocolError as e:
             self._malformed(worker, e, pending)
             return
-        if message["rid"] != rid or worker not in pending:
+        if pending.get(worker) != message["rid"]:
             self.stale_replies += 1
             return
         if message["kind"] == m.HELLO:
             worker.pid, worker.host, worker.hello = message["pid"], message["host"], message
         replies[worker] = message
-        pending.discard(worker)
+        del pending[worker]
 
-    def _on_exit(self, sentinel: int, rid: int, pending: set[WorkerHandle], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+    def _on_exit(self, sentinel: int, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         """A local worker process has exited: fail the wait if its reply is still owed."""
         worker = self._sentinels.pop(sentinel)
         self.poller.unregister(sentinel)
         worker.process.join(0.5)
         worker.dead = _exit_reason(worker.process)
         if worker in pending:  # its last reply may still be in flight
-            self._collect_channels(rid, pending, replies)
+            self._collect_channels(pending, replies)
             if self.socket.poll(100):
-                self._drain(rid, pending, replies)
+                self._drain(pending, replies)
         if worker in pending:
             raise self._died(worker)
 

@@ -40,6 +40,7 @@ from envfarm.client.errors import FarmError, rebuild
 from envfarm.client.launch import available_cpus, partition, start_local_workers
 from envfarm.client.obs_buffer import ObsBuffer
 from envfarm.client.router import Router, WorkerHandle
+from envfarm.client.send_recv import SendRecv
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo
@@ -52,7 +53,7 @@ DEFAULT_STARTUP_TIMEOUT = 120.0
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
 
 
-class FarmVectorEnv(VectorEnv):
+class FarmVectorEnv(SendRecv, VectorEnv):
     """Runs envs in worker processes that talk ZeroMQ, sharing observations through shared memory.
 
     Example:
@@ -76,6 +77,8 @@ class FarmVectorEnv(VectorEnv):
         num_workers: Worker processes to start; default: the CPUs this process may use, at most
             one per env. Mutually exclusive with `envs_per_worker`.
         envs_per_worker: Envs each worker hosts; sets `num_workers` to ceil(num_envs / this).
+        batch_size: How many envs `recv` returns (the send/recv API, see client/send_recv.py);
+            default num_envs.
         startup_timeout: Seconds to wait for the workers to start and build their envs.
 
     Raises:
@@ -97,6 +100,7 @@ class FarmVectorEnv(VectorEnv):
         *,
         num_workers: int | None = None,
         envs_per_worker: int | None = None,
+        batch_size: int | None = None,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     ) -> None:
         if worker is not None:
@@ -130,6 +134,8 @@ class FarmVectorEnv(VectorEnv):
         self._terminations = np.zeros(self.num_envs, np.bool_)
         self._truncations = np.zeros(self.num_envs, np.bool_)
         self._autoreset_envs = np.zeros(self.num_envs, np.bool_)
+        self._worker_of_env = np.concatenate([np.full(len(w.env_ids), w.index) for w in self._workers])
+        self._init_send_recv(batch_size)
 
     # ----------------------------------------------------------------- start-up
 
@@ -265,6 +271,7 @@ class FarmVectorEnv(VectorEnv):
             raise AlreadyPendingCallError(
                 f"Calling `reset_async` while waiting for a pending call to `{self._state.value}` to complete", str(self._state.value)
             )
+        self._assert_no_send_recv("reset_async")
         reset_mask = None
         if options is not None and "reset_mask" in options:
             options = dict(options)  # Gymnasium pops the mask out of the caller's own dict; we do not
@@ -319,7 +326,8 @@ class FarmVectorEnv(VectorEnv):
             raise AlreadyPendingCallError(
                 f"Calling `step_async` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
             )
-        leaves = self._action_leaves(actions)
+        self._assert_no_send_recv("step_async")
+        leaves = self._action_leaves(actions, self.num_envs)
         if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs.any():
             ended = np.flatnonzero(self._autoreset_envs).tolist()
             raise ResetNeeded(
@@ -329,11 +337,11 @@ class FarmVectorEnv(VectorEnv):
         requests = {}
         for worker in self._workers:
             rows = slice(worker.env_ids.start, worker.env_ids.stop)
-            requests[worker] = {"actions": [leaf[rows] for leaf in leaves]}
+            requests[worker] = {"envs": list(worker.env_ids), "actions": [leaf[rows] for leaf in leaves]}
         self._send(m.STEP, requests, AsyncState.WAITING_STEP)
 
-    def _action_leaves(self, actions: Any) -> list[Any]:
-        """The batch of actions split into per-leaf batches, each checked against the action space."""
+    def _action_leaves(self, actions: Any, count: int) -> list[Any]:
+        """A batch of `count` actions split into per-leaf batches, each checked against the action space."""
         try:
             leaves = space_codec.split(self.single_action_space, actions)
         except (KeyError, IndexError, TypeError) as e:
@@ -342,13 +350,13 @@ class FarmVectorEnv(VectorEnv):
         for space, leaf in zip(space_codec.leaves(self.single_action_space), leaves):
             if space_codec.is_fixed(space):
                 leaf = np.asarray(leaf)
-                if leaf.shape != (self.num_envs, *space.shape) or leaf.dtype.hasobject:
+                if leaf.shape != (count, *space.shape) or leaf.dtype.hasobject:
                     raise ValueError(
-                        f"actions for {space} must be an array of shape {(self.num_envs, *space.shape)} "
+                        f"actions for {space} must be an array of shape {(count, *space.shape)} "
                         f"(one row per env), got {'dtype object' if leaf.dtype.hasobject else f'shape {leaf.shape}'}"
                     )
-            elif not isinstance(leaf, (list, tuple)) or len(leaf) != self.num_envs:
-                raise ValueError(f"actions for {space} must be a tuple of {self.num_envs} values, got {leaf!r:.100}")
+            elif not isinstance(leaf, (list, tuple)) or len(leaf) != count:
+                raise ValueError(f"actions for {space} must be a tuple of {count} values, got {leaf!r:.100}")
             checked.append(leaf)
         return checked
 
@@ -398,6 +406,7 @@ class FarmVectorEnv(VectorEnv):
             raise AlreadyPendingCallError(
                 f"Calling `call_async` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
             )
+        self._assert_no_send_recv("call_async")
         if name in _CALL_RESERVED:
             raise ValueError(f"Trying to call function `{name}` with `call`, use `{name}` directly instead.")
         self._send(m.CALL, {worker: {"name": name, "args": list(args), "kwargs": kwargs} for worker in self._workers}, AsyncState.WAITING_CALL)
@@ -429,6 +438,7 @@ class FarmVectorEnv(VectorEnv):
             raise AlreadyPendingCallError(
                 f"Calling `set_attr` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
             )
+        self._assert_no_send_recv("set_attr")
         requests = {worker: {"name": name, "values": list(values[worker.env_ids.start : worker.env_ids.stop])} for worker in self._workers}
         self._send(m.SET_ATTR, requests, AsyncState.WAITING_CALL)
         self._raise_errors(self._wait("set_attr", None))

@@ -7,7 +7,7 @@ request, so a late reply to an abandoned request is recognised and dropped. The 
     trainer -> CREATE  {envs, source, autoreset_mode}       -> CREATED {spaces, metadata, render_mode}
     trainer -> ATTACH  {obs, channel}                       -> ATTACHED {obs, channel, reason}
     trainer -> RESET   {envs, seeds, options}               -> RESULT {envs, obs, infos, errors}
-    trainer -> STEP    {actions}                            -> RESULT {rewards, terminated, truncated, obs, infos, errors}
+    trainer -> STEP    {envs, actions}                      -> RESULT {envs, rewards, terminated, truncated, obs, infos, errors}
     trainer -> CALL    {name, args, kwargs}                 -> RESULT {values, errors}
     trainer -> SET_ATTR {name, values}                      -> RESULT {errors}
     trainer -> CLOSE   {}                                   -> RESULT {}
@@ -49,7 +49,7 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     ATTACH: {"obs": _opt_dict, "channel": _opt_dict},
     ATTACHED: {"obs": bool, "channel": bool, "reason": str},
     RESET: {"envs": _list, "seeds": _list, "options": _opt_dict},
-    STEP: {"actions": _list},
+    STEP: {"envs": _list, "actions": _list},
     CALL: {"name": str, "args": _list, "kwargs": dict},
     SET_ATTR: {"name": str, "values": _list},
     CLOSE: {},

@@ -28,6 +28,7 @@ class HostedEnvs:
     def __init__(self, envs: Sequence[Env], env_ids: Sequence[int], autoreset_mode: AutoresetMode):
         self.envs = list(envs)
         self.env_ids = list(env_ids)
+        self._position = {env_id: i for i, env_id in enumerate(self.env_ids)}
         self.autoreset_mode = autoreset_mode
         self.observation_space = self.envs[0].observation_space
         self.leaf_spaces = space_codec.leaves(self.observation_space)
@@ -78,10 +79,19 @@ class HostedEnvs:
         self.failed[i] = True
         errors.append([self.env_ids[i], ErrorInfo.from_exception(exc).to_data()])
 
+    def _positions(self, env_ids: Sequence[int]) -> list[int] | slice:
+        """Where these global env ids sit in this worker: a slice when they are all of them."""
+        if len(env_ids) == len(self.env_ids) and list(env_ids) == self.env_ids:
+            return slice(None)
+        try:
+            return [self._position[env_id] for env_id in env_ids]
+        except KeyError as e:
+            raise ValueError(f"env {e.args[0]} is not hosted by this worker (it hosts {self.env_ids})") from None
+
     def reset(self, env_ids: Sequence[int], seeds: Sequence[int | None], options: dict | None) -> dict[str, Any]:
-        local = [self.env_ids.index(env_id) for env_id in env_ids]
+        local = self._positions(env_ids)
         infos, errors = [], []
-        for i, seed in zip(local, seeds):
+        for i, seed in zip(range(len(self.envs))[local] if isinstance(local, slice) else local, seeds):
             self.terminations[i] = self.truncations[i] = self.autoreset[i] = False
             try:
                 obs, info = self.envs[i].reset(seed=seed, options=options)
@@ -93,9 +103,11 @@ class HostedEnvs:
             infos.append(info)
         return {"envs": list(env_ids), "obs": self._obs_payload(local), "infos": infos, "errors": errors}
 
-    def step(self, action_leaves: list[Any]) -> dict[str, Any]:
+    def step(self, env_ids: Sequence[int], action_leaves: list[Any]) -> dict[str, Any]:
+        """Steps the envs `env_ids` (all or some of this worker's); row j of each action leaf is env_ids[j]'s."""
+        local = self._positions(env_ids)
         infos, errors = [], []
-        for i, env in enumerate(self.envs):
+        for row, i in enumerate(range(len(self.envs))[local] if isinstance(local, slice) else local):
             info: dict[str, Any] = {}
             try:
                 if self.failed[i]:
@@ -103,17 +115,18 @@ class HostedEnvs:
                         f"env {self.env_ids[i]} raised an exception earlier and its state is unknown: "
                         "reset it (options={'reset_mask': mask}) before stepping it again"
                     )
-                info = self._step_one(i, env, self._action(action_leaves, i))
+                info = self._step_one(i, self.envs[i], self._action(action_leaves, row))
             except Exception as exc:
                 self._error(errors, i, exc)
                 self.rewards[i], self.terminations[i], self.truncations[i] = 0.0, False, False
             infos.append(info)
-        self.autoreset[:] = self.terminations | self.truncations
+        self.autoreset[local] = self.terminations[local] | self.truncations[local]
         return {
-            "rewards": self.rewards,
-            "terminated": self.terminations,
-            "truncated": self.truncations,
-            "obs": self._obs_payload(slice(None)),
+            "envs": list(env_ids),
+            "rewards": self.rewards[local],
+            "terminated": self.terminations[local],
+            "truncated": self.truncations[local],
+            "obs": self._obs_payload(local),
             "infos": infos,
             "errors": errors,
         }

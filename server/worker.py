@@ -124,7 +124,7 @@ class Worker:
         if envs is None:
             raise ProtocolError(f"{kind} before CREATE: this worker hosts no envs yet")
         if kind == m.STEP:
-            return m.make(m.RESULT, rid, **envs.step(message["actions"]))
+            return m.make(m.RESULT, rid, **envs.step(message["envs"], message["actions"]))
         if kind == m.RESET:
             return m.make(m.RESULT, rid, **envs.reset(message["envs"], message["seeds"], message["options"]))
         if kind == m.CALL:

@@ -1,0 +1,226 @@
+"""EnvPool-style asynchronous stepping for FarmVectorEnv: `send` actions, `recv` the first envs done.
+
+    envs = envfarm.make_vec("CartPole-v1", num_envs=32, batch_size=16)
+    envs.async_reset(seed=0)
+    for _ in range(1000):
+        obs, rewards, terminated, truncated, info = envs.recv()   # the first 16 envs that are ready
+        envs.send(policy(obs), info["env_id"])                   # step exactly those envs
+
+With `num_envs` larger than `batch_size`, a slow env never stalls a batch, and the envs step while
+the policy computes. Every env's trajectory is the one it would have alone (its autoreset mode
+included); only the order in which envs come back varies. `recv` batches infos like Gymnasium
+(with `_key` masks) over the batch, and adds `info["env_id"]`, the env index of each row.
+
+Work goes out per worker: a worker steps the envs it was sent in one message; envs sent to a
+worker that is busy wait in the trainer and go out together when it replies.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+from typing import Any, Sequence
+
+import numpy as np
+from gymnasium.error import AlreadyPendingCallError, ResetNeeded
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.async_vector_env import AsyncState
+
+from envfarm.client.errors import FarmError
+from envfarm.client.router import WorkerHandle
+from envfarm.protocol import messages as m
+
+IDLE, RUNNING, READY = 0, 1, 2
+
+
+class _InfoBatch:
+    """Gymnasium's info batching (`_key` masks and all) over a batch of `num_envs` rows."""
+
+    _add_info = VectorEnv._add_info
+
+    def __init__(self, num_envs: int):
+        self.num_envs = num_envs
+
+
+class SendRecv:
+    """The send/recv API; mixed into FarmVectorEnv, whose workers, router and buffers it uses."""
+
+    batch_size: int
+
+    def _init_send_recv(self, batch_size: int | None) -> None:
+        if batch_size is None:
+            batch_size = self.num_envs
+        if not 1 <= batch_size <= self.num_envs:
+            raise ValueError(f"batch_size must be between 1 and num_envs={self.num_envs}, got {batch_size}")
+        self.batch_size = batch_size
+        self._env_status = np.full(self.num_envs, IDLE, np.int8)
+        self._ready: collections.deque[int] = collections.deque()
+        self._ready_infos: dict[int, dict[str, Any]] = {}
+        self._ready_errors: dict[int, tuple[Any, str]] = {}
+        self._in_flight: dict[WorkerHandle, tuple[int, str, list[int]]] = {}
+        self._queued: dict[WorkerHandle, list[tuple[str, dict[str, Any]]]] = collections.defaultdict(list)
+
+    def async_reset(self, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None, env_ids: Sequence[int] | None = None) -> None:
+        """Resets the envs `env_ids` (default: all); their first observations come from `recv`.
+
+        Args:
+            seed: None, an int (env i gets seed + i, i its index in the vector env) or one per env in `env_ids`.
+            options: Passed to each env's reset.
+            env_ids: Which envs; each must be idle (not sent and not waiting to be received).
+        """
+        self._assert_is_running()
+        ids = self._idle_ids(range(self.num_envs) if env_ids is None else env_ids, "async_reset")
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in ids]
+        elif len(seed) != len(ids):
+            raise ValueError(f"async_reset got {len(seed)} seeds for {len(ids)} envs")
+        else:
+            seeds = list(seed)
+        by_env = dict(zip(ids, seeds))
+        for worker, worker_ids in self._by_worker(ids):
+            self._submit(worker, m.RESET, {"envs": worker_ids, "seeds": [by_env[i] for i in worker_ids], "options": options})
+
+    def send(self, actions: Any, env_ids: Sequence[int] | np.ndarray) -> None:
+        """Steps the envs `env_ids` with `actions` (a batch of `len(env_ids)` actions, row j for env_ids[j]).
+
+        Raises:
+            ValueError: If an env is not idle (already sent, or its result not yet received),
+                or the actions do not match the action space.
+            gymnasium.error.ResetNeeded: With autoreset_mode DISABLED, for an env that ended.
+        """
+        self._assert_is_running()
+        ids = self._idle_ids(env_ids, "send")
+        leaves = self._action_leaves(actions, len(ids))
+        if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs[ids].any():
+            ended = [i for i in ids if self._autoreset_envs[i]]
+            raise ResetNeeded(f"envs {ended} terminated or truncated and autoreset_mode is DISABLED: async_reset them before sending actions")
+        row_of = {env_id: row for row, env_id in enumerate(ids)}
+        for worker, worker_ids in self._by_worker(ids):
+            rows = [row_of[i] for i in worker_ids]
+            self._submit(worker, m.STEP, {"envs": worker_ids, "actions": [_rows(leaf, rows) for leaf in leaves]})
+
+    def recv(self, timeout: float | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Returns (obs, rewards, terminated, truncated, info) of the first `batch_size` envs that are ready.
+
+        `info["env_id"]` holds the env index of each row. If an env raised, its exception is
+        raised here (with `failed_envs`); the other ready envs stay ready for the next `recv`,
+        and the failed env is idle again, to be reset with `async_reset(env_ids=[...])`.
+
+        Raises:
+            multiprocessing.TimeoutError: After `timeout` seconds; nothing is lost, recv again.
+            RuntimeError: If fewer than `batch_size` envs are running or ready, so none could come.
+        """
+        self._assert_is_running()
+        waiting = len(self._ready) + int((self._env_status == RUNNING).sum())
+        if waiting < self.batch_size:
+            raise RuntimeError(
+                f"recv() needs {self.batch_size} envs (batch_size) running or ready, but only {waiting} are: "
+                "send actions (or async_reset) for more envs first"
+            )
+        while len(self._ready) < self.batch_size:
+            expected = {worker: rid for worker, (rid, _, _) in self._in_flight.items()}
+            try:
+                replies = self._router.collect(expected, timeout, wait_all=False)
+            except multiprocessing.TimeoutError:
+                raise multiprocessing.TimeoutError(f"The call to `recv` has timed out after {timeout} second(s).") from None
+            except FarmError as e:
+                self._failure = e
+                raise
+            for worker, reply in sorted(replies.items(), key=lambda item: item[0].index):
+                self._on_reply(worker, reply)
+        ids = [self._ready.popleft() for _ in range(self.batch_size)]
+        failed = [i for i in ids if i in self._ready_errors]
+        if failed:
+            for i in reversed([i for i in ids if i not in self._ready_errors]):
+                self._ready.appendleft(i)
+            for i in failed:
+                self._env_status[i] = IDLE
+            self._raise_errors([(worker, {"kind": m.RESULT, "errors": [[i, self._ready_errors.pop(i)]]}) for i in failed for worker in [self._owner(i)]])
+        self._env_status[ids] = IDLE
+        batch = _InfoBatch(len(ids))
+        infos: dict[str, Any] = {}
+        for row, i in enumerate(ids):
+            infos = batch._add_info(infos, self._ready_infos.pop(i), row)
+        infos["env_id"] = np.asarray(ids, dtype=np.int32)
+        return (
+            self._buffer.rows(ids),
+            self._rewards[ids],
+            self._terminations[ids],
+            self._truncations[ids],
+            infos,
+        )
+
+    # ----------------------------------------------------------------- internals
+
+    def _assert_no_send_recv(self, call: str) -> None:
+        if (self._env_status != IDLE).any():
+            raise AlreadyPendingCallError(
+                f"Calling `{call}` while envs are in flight with send/recv: recv their results first.", "send"
+            )
+
+    def _idle_ids(self, env_ids: Sequence[int] | np.ndarray, call: str) -> list[int]:
+        if self._state != AsyncState.DEFAULT:
+            raise AlreadyPendingCallError(f"Calling `{call}` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value))
+        ids = [int(i) for i in np.asarray(env_ids).reshape(-1)]
+        if not ids:
+            raise ValueError(f"{call}() needs at least one env id")
+        if len(set(ids)) != len(ids) or not all(0 <= i < self.num_envs for i in ids):
+            raise ValueError(f"{call}() env ids must be distinct and in [0, {self.num_envs}), got {ids}")
+        busy = [i for i in ids if self._env_status[i] != IDLE]
+        if busy:
+            raise ValueError(f"{call}(): envs {busy} are still running or their results were not received yet")
+        return ids
+
+    def _by_worker(self, ids: list[int]) -> list[tuple[WorkerHandle, list[int]]]:
+        groups: dict[WorkerHandle, list[int]] = {}
+        for i in ids:
+            groups.setdefault(self._owner(i), []).append(i)
+        return sorted(groups.items(), key=lambda item: item[0].index)
+
+    def _owner(self, env_id: int) -> WorkerHandle:
+        return self._workers[self._worker_of_env[env_id]]
+
+    def _submit(self, worker: WorkerHandle, kind: str, fields: dict[str, Any]) -> None:
+        """Sends at once if the worker is free, else queues (its mailbox holds one request)."""
+        self._env_status[fields["envs"]] = RUNNING
+        if worker in self._in_flight:
+            self._queued[worker].append((kind, fields))
+            return
+        rid = self._router.new_rid()
+        try:
+            self._router.send(worker, m.make(kind, rid, **fields))
+        except FarmError as e:
+            self._failure = e
+            raise
+        self._in_flight[worker] = (rid, kind, fields["envs"])
+
+    def _on_reply(self, worker: WorkerHandle, reply: dict[str, Any]) -> None:
+        _, kind, env_ids = self._in_flight.pop(worker)
+        if reply["kind"] == m.ERROR:
+            errors = [[i, reply["error"]] for i in env_ids]
+            reply = {"envs": env_ids, "obs": [None] * len(self._buffer.leaves), "infos": [{}] * len(env_ids), "errors": errors}
+        else:
+            errors = reply["errors"]
+            self._buffer.write(env_ids, reply["obs"])
+        if kind == m.STEP and "rewards" in reply:
+            self._rewards[env_ids] = reply["rewards"]
+            self._terminations[env_ids] = reply["terminated"]
+            self._truncations[env_ids] = reply["truncated"]
+        else:
+            self._rewards[env_ids] = 0.0
+            self._terminations[env_ids] = self._truncations[env_ids] = False
+        self._autoreset_envs[env_ids] = self._terminations[env_ids] | self._truncations[env_ids]
+        for i, info in zip(env_ids, reply["infos"]):
+            self._ready_infos[i] = info
+        for i, error in errors:
+            self._ready_errors[i] = error
+        self._ready.extend(env_ids)
+        self._env_status[env_ids] = READY
+        if self._queued[worker]:
+            kind, fields = self._queued[worker].pop(0)
+            self._env_status[fields["envs"]] = IDLE  # _submit marks them running again
+            self._submit(worker, kind, fields)
+
+
+def _rows(leaf: Any, rows: list[int]) -> Any:
+    return leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[row] for row in rows]
