@@ -1,0 +1,42 @@
+"""The `envfarm` command line, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def envfarm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "envfarm", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_reports_a_summary():
+    result = envfarm("run", "CartPole-v1", "--num-envs", "4", "--steps", "3000", "--num-workers", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["env_id"] == "CartPole-v1" and summary["num_envs"] == 4 and summary["num_workers"] == 2
+    assert summary["steps"] >= 3000
+    assert summary["episodes"] > 50  # a random CartPole episode lasts about 22 steps
+    assert 8 < summary["mean_return"] < 60
+    assert summary["steps_per_second"] > 0
+    assert "3000/3000 steps" in result.stderr  # the progress line
+
+
+def test_run_prints_a_readable_summary():
+    result = envfarm("run", "CartPole-v1", "--num-envs", "2", "--steps", "500")
+    assert result.returncode == 0, result.stderr
+    for word in ("episodes", "mean return", "throughput", "steps/s"):
+        assert word in result.stdout
+
+
+def test_unknown_env_is_one_clear_line():
+    result = envfarm("run", "NoSuchEnv-v0", "--steps", "10")
+    assert result.returncode == 2
+    assert "NoSuchEnv" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_arguments_are_refused():
+    assert envfarm("run", "CartPole-v1", "--num-envs", "0").returncode == 2
+    result = envfarm("run", "CartPole-v1", "--env-kwargs", "[1]")
+    assert result.returncode == 2 and "JSON object" in result.stderr
