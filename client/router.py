@@ -33,7 +33,7 @@ class WorkerHandle:
     process: Any = None  # multiprocessing.Process for a local worker
     pid: int | None = None
     host: str = ""
-    obs_shared: bool = False
+    shared_memory: bool = False  # reads actions from and writes results into the trainer's batch buffer
     channel: bool = False  # talks through the trainer's shared-memory channel, not the socket
     dead: str = ""  # why, once it is known to be gone
     hello: dict = field(default_factory=dict)

@@ -94,10 +94,12 @@ class SendRecv:
         if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs[ids].any():
             ended = [i for i in ids if self._autoreset_envs[i]]
             raise ResetNeeded(f"envs {ended} terminated or truncated and autoreset_mode is DISABLED: async_reset them before sending actions")
+        # Shared-memory workers read row i of the batch buffer for env i; the others get their rows sent.
+        self._buffer.write_actions(ids, leaves)
         row_of = {env_id: row for row, env_id in enumerate(ids)}
         for worker, worker_ids in self._by_worker(ids):
-            rows = [row_of[i] for i in worker_ids]
-            self._submit(worker, m.STEP, {"envs": worker_ids, "actions": [_rows(leaf, rows) for leaf in leaves]})
+            actions = self._action_payload(worker, leaves, [row_of[i] for i in worker_ids])
+            self._submit(worker, m.STEP, {"envs": worker_ids, "actions": actions})
 
     def recv(self, timeout: float | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Returns (obs, rewards, terminated, truncated, info) of the first `batch_size` envs that are ready.
@@ -144,9 +146,9 @@ class SendRecv:
         infos["env_id"] = np.asarray(ids, dtype=np.int32)
         return (
             self._buffer.rows(ids),
-            self._rewards[ids],
-            self._terminations[ids],
-            self._truncations[ids],
+            self._buffer.rewards[ids],
+            self._buffer.terminations[ids],
+            self._buffer.truncations[ids],
             infos,
         )
 
@@ -202,14 +204,13 @@ class SendRecv:
         else:
             errors = reply["errors"]
             self._buffer.write(env_ids, reply["obs"])
+        buffer = self._buffer
         if kind == m.STEP and "rewards" in reply:
-            self._rewards[env_ids] = reply["rewards"]
-            self._terminations[env_ids] = reply["terminated"]
-            self._truncations[env_ids] = reply["truncated"]
+            buffer.write_results(env_ids, reply)
         else:
-            self._rewards[env_ids] = 0.0
-            self._terminations[env_ids] = self._truncations[env_ids] = False
-        self._autoreset_envs[env_ids] = self._terminations[env_ids] | self._truncations[env_ids]
+            buffer.rewards[env_ids] = 0.0
+            buffer.terminations[env_ids] = buffer.truncations[env_ids] = False
+        self._autoreset_envs[env_ids] = buffer.terminations[env_ids] | buffer.truncations[env_ids]
         for i, info in zip(env_ids, reply["infos"]):
             self._ready_infos[i] = info
         for i, error in errors:
@@ -221,6 +222,3 @@ class SendRecv:
             self._env_status[fields["envs"]] = IDLE  # _submit marks them running again
             self._submit(worker, kind, fields)
 
-
-def _rows(leaf: Any, rows: list[int]) -> Any:
-    return leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[row] for row in rows]

@@ -38,7 +38,8 @@ from envfarm.channel import TrainerChannels
 from envfarm.channel import available as channel_available
 from envfarm.client.errors import FarmError, rebuild
 from envfarm.client.launch import available_cpus, partition, start_local_workers
-from envfarm.client.obs_buffer import ObsBuffer
+from envfarm.client.batch_buffer import BatchBuffer
+from envfarm.client.segments import Segment
 from envfarm.client.router import Router, WorkerHandle
 from envfarm.client.send_recv import SendRecv
 from envfarm.protocol import messages as m
@@ -123,16 +124,13 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self._failure: FarmError | None = None
         self._router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
         self._workers: list[WorkerHandle] = []
-        self._segments: list[ObsBuffer | TrainerChannels] = []
+        self._segments: list[BatchBuffer | TrainerChannels] = []
         self._release = weakref.finalize(self, _release, self._router, self._workers, self._segments)
         try:
             self._start(partition(self.num_envs, self.num_workers), startup_timeout)
         except BaseException:
             self._release()
             raise
-        self._rewards = np.zeros(self.num_envs, np.float64)
-        self._terminations = np.zeros(self.num_envs, np.bool_)
-        self._truncations = np.zeros(self.num_envs, np.bool_)
         self._autoreset_envs = np.zeros(self.num_envs, np.bool_)
         self._worker_of_env = np.concatenate([np.full(len(w.env_ids), w.index) for w in self._workers])
         self._init_send_recv(batch_size)
@@ -164,7 +162,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self.render_mode = first["render_mode"]
         self._set_spaces(obs_spaces, action_spaces)
 
-        buffer = ObsBuffer(self.single_observation_space, self.num_envs, shared=self.shared_memory)
+        buffer = BatchBuffer(self.single_observation_space, self.single_action_space, self.num_envs, shared=self.shared_memory)
         self._segments.append(buffer)
         channels = self._make_channels() if self.shared_memory else None
         if buffer.descriptor is None and channels is None:
@@ -175,9 +173,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             self._router.send(worker, m.make(m.ATTACH, rid, obs=buffer.descriptor, channel=channel))
         for worker, reply in self._replies(self._router.gather(rid, self._workers, timeout)):
             attached = reply["kind"] == m.ATTACHED
-            worker.obs_shared = attached and reply["obs"]
+            worker.shared_memory = attached and reply["obs"]
             worker.channel = attached and reply["channel"]
-            if (buffer.descriptor is not None and not worker.obs_shared) or (channels is not None and not worker.channel):
+            if (buffer.descriptor is not None and not worker.shared_memory) or (channels is not None and not worker.channel):
                 logger.warn(f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket")
         if channels is not None:
             self._router.use_channels(channels)
@@ -191,7 +189,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         _, action_bytes = space_codec.shm_layout(self.single_action_space, block)
         # The trainer sleeps rather than spins when every CPU already has a worker to run.
         spin = TRAINER_SPIN_SECONDS if self.num_workers < available_cpus() else 0.0
-        channels = TrainerChannels(self.num_workers, (64 << 10) + 2 * action_bytes, (1 << 20) + 2 * obs_bytes, spin)
+        capacities = (64 << 10) + 2 * action_bytes, (1 << 20) + 2 * obs_bytes
+        channels = TrainerChannels(Segment(TrainerChannels.size(self.num_workers, *capacities)), self.num_workers, *capacities, spin)
         self._segments.append(channels)
         return channels
 
@@ -300,7 +299,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 continue
             env_ids = reply["envs"]
             self._buffer.write(env_ids, reply["obs"])
-            self._terminations[env_ids] = self._truncations[env_ids] = self._autoreset_envs[env_ids] = False
+            self._buffer.terminations[env_ids] = self._buffer.truncations[env_ids] = self._autoreset_envs[env_ids] = False
             for i, info in zip(env_ids, reply["infos"]):
                 infos = self._add_info(infos, info, i)
         self._raise_errors(replies)
@@ -334,10 +333,11 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 f"envs {ended} terminated or truncated and autoreset_mode is DISABLED: reset them with "
                 "`reset(options={'reset_mask': mask})` before the next step"
             )
+        self._buffer.write_actions(slice(None), leaves)
         requests = {}
         for worker in self._workers:
             rows = slice(worker.env_ids.start, worker.env_ids.stop)
-            requests[worker] = {"envs": list(worker.env_ids), "actions": [leaf[rows] for leaf in leaves]}
+            requests[worker] = {"envs": list(worker.env_ids), "actions": self._action_payload(worker, leaves, rows)}
         self._send(m.STEP, requests, AsyncState.WAITING_STEP)
 
     def _action_leaves(self, actions: Any, count: int) -> list[Any]:
@@ -360,6 +360,13 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             checked.append(leaf)
         return checked
 
+    def _action_payload(self, worker: WorkerHandle, leaves: list[Any], rows: slice | list[int]) -> list[Any]:
+        """A worker's rows of each action leaf; None where it reads them from the shared batch buffer."""
+        return [
+            None if worker.shared_memory and shared is not None else (leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[i] for i in _indices(rows, len(leaf))])
+            for leaf, shared in zip(leaves, self._buffer.actions)
+        ]
+
     def step_wait(self, timeout: float | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Waits for the steps sent by `step_async`.
 
@@ -378,15 +385,14 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             if reply["kind"] != m.RESULT:
                 continue
             rows = slice(worker.env_ids.start, worker.env_ids.stop)
-            self._rewards[rows] = reply["rewards"]
-            self._terminations[rows] = reply["terminated"]
-            self._truncations[rows] = reply["truncated"]
+            self._buffer.write_results(rows, reply)
             self._buffer.write(rows, reply["obs"])
             for i, info in zip(worker.env_ids, reply["infos"]):
                 infos = self._add_info(infos, info, i)
-        self._autoreset_envs = self._terminations | self._truncations
+        buffer = self._buffer
+        self._autoreset_envs = buffer.terminations | buffer.truncations
         self._raise_errors(replies)
-        return self._buffer.batch(self.copy), self._rewards.copy(), self._terminations.copy(), self._truncations.copy(), infos
+        return buffer.batch(self.copy), buffer.rewards.copy(), buffer.terminations.copy(), buffer.truncations.copy(), infos
 
     # ----------------------------------------------------------------- call, attributes, render
 
@@ -478,7 +484,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     # ----------------------------------------------------------------- helpers
 
     @property
-    def _buffer(self) -> ObsBuffer:
+    def _buffer(self) -> BatchBuffer:
         return self._segments[0]
 
     def _assert_is_running(self) -> None:
@@ -536,6 +542,10 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         raise exc
 
 
+def _indices(rows: slice | list[int], length: int) -> range | list[int]:
+    return range(length)[rows] if isinstance(rows, slice) else rows
+
+
 def _worker_count(num_envs: int, num_workers: int | None, envs_per_worker: int | None, max_concurrency: int | None) -> int:
     if num_workers is not None and envs_per_worker is not None:
         raise ValueError("pass either num_workers or envs_per_worker, not both")
@@ -569,7 +579,7 @@ def _check_reset_mask(reset_mask: Any, num_envs: int) -> np.ndarray:
     return reset_mask
 
 
-def _release(router: Router, workers: list[WorkerHandle], segments: list[ObsBuffer | TrainerChannels]) -> None:
+def _release(router: Router, workers: list[WorkerHandle], segments: list[BatchBuffer | TrainerChannels]) -> None:
     """Frees everything a FarmVectorEnv holds; runs once, from close(), garbage collection or exit."""
     for worker in workers:
         if worker.process is not None and worker.process.is_alive():

@@ -30,11 +30,17 @@ import platform
 import struct
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 _SYS_FUTEX = 202  # x86-64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
-_COUNT, _SIZES = 8, 16  # a mailbox: seq (int32) at 0, frame count (uint32) at 8, frame sizes (uint64) from 16, then frames
+# A mailbox: seq (int32) at 0, its reader's "asleep" flag (int32) at 4, frame count (uint32) at 8,
+# frame sizes (uint64) from 16, then the frames. The segment starts with the doorbell (int32) at 0
+# and the trainer's "asleep" flag at 4.
+_ASLEEP, _COUNT, _SIZES = 4, 8, 16
+# A writer wakes its reader only if the reader said it sleeps. Python has no memory fence, so on
+# rare interleavings the flag is read stale and the wake is missed; sleeps are therefore short.
+_SLEEP_SLICE = 0.005
 _ALIGN = 16
 
 
@@ -64,6 +70,7 @@ class Mailbox:
 
     def __init__(self, buffer: memoryview, offset: int, capacity: int):
         self.seq = ctypes.c_int32.from_buffer(buffer, offset)
+        self.asleep = ctypes.c_int32.from_buffer(buffer, offset + _ASLEEP)
         self.buffer = buffer
         self.offset = offset
         self.capacity = capacity
@@ -117,37 +124,42 @@ NONCE_BYTES = 16
 
 
 class TrainerChannels:
-    """The trainer's side: one segment holding every local worker's pair of mailboxes.
+    """The trainer's side: one shared buffer holding every local worker's pair of mailboxes.
 
-    Created through multiprocessing.shared_memory, so its resource tracker unlinks the segment
-    if the trainer is killed.
+    `segment` is a shared-memory segment of at least `size(...)` bytes, with `.name` and a
+    writable `.buffer`; the trainer creates and unlinks it.
     """
 
-    def __init__(self, num_workers: int, request_capacity: int, reply_capacity: int, spin_seconds: float):
-        from multiprocessing.shared_memory import SharedMemory
+    @staticmethod
+    def size(num_workers: int, request_capacity: int, reply_capacity: int) -> int:
+        return _layout(num_workers, request_capacity, reply_capacity)[1] + NONCE_BYTES
 
+    def __init__(self, segment: Any, num_workers: int, request_capacity: int, reply_capacity: int, spin_seconds: float):
         slots, self.size = _layout(num_workers, request_capacity, reply_capacity)
-        self.shm = SharedMemory(create=True, size=self.size + NONCE_BYTES)
+        self.segment = segment
+        buffer = memoryview(segment.buffer)
         self.nonce = os.urandom(NONCE_BYTES)
-        self.shm.buf[self.size :] = self.nonce
+        buffer[self.size : self.size + NONCE_BYTES] = self.nonce
         self.slots = slots
-        self.requests = [Mailbox(self.shm.buf, offset, request_capacity) for offset, _ in slots]
-        self.replies = [Mailbox(self.shm.buf, offset, reply_capacity) for _, offset in slots]
+        self.requests = [Mailbox(buffer, offset, request_capacity) for offset, _ in slots]
+        self.replies = [Mailbox(buffer, offset, reply_capacity) for _, offset in slots]
         self.read_seq = [0] * num_workers
-        self.doorbell = ctypes.c_int32.from_buffer(self.shm.buf, 0)
+        self.doorbell = ctypes.c_int32.from_buffer(buffer, 0)
+        self.asleep = ctypes.c_int32.from_buffer(buffer, _ASLEEP)
         self.spin_seconds = spin_seconds
 
     def descriptor(self, worker: int) -> dict:
         request, reply = self.slots[worker]
         return {
-            "name": self.shm.name.lstrip("/"), "size": self.size, "nonce": self.nonce, "worker": worker,
+            "name": self.segment.name, "size": self.size, "nonce": self.nonce, "worker": worker,
             "request": [request, self.requests[worker].capacity], "reply": [reply, self.replies[worker].capacity],
         }
 
     def send(self, worker: int, frames: Sequence[bytes | memoryview]) -> bool:
         mailbox = self.requests[worker]
         fits = mailbox.write(frames)
-        futex_wake(mailbox.seq)
+        if mailbox.asleep.value:
+            futex_wake(mailbox.seq)
         return fits
 
     def new_reply(self, worker: int) -> int | None:
@@ -166,21 +178,16 @@ class TrainerChannels:
             if any(self.replies[w].seq.value != self.read_seq[w] for w in pending):
                 return
             os.sched_yield()
+        self.asleep.value = 1
         if not any(self.replies[w].seq.value != self.read_seq[w] for w in pending):
-            futex_wait(self.doorbell, ring, timeout)
+            futex_wait(self.doorbell, ring, min(timeout, _SLEEP_SLICE))
+        self.asleep.value = 0
 
     def close(self) -> None:
-        # ctypes views export the buffer; they must go before the mapping can close.
+        # The mailboxes' views export the mapping; they must go before it can close.
         self.requests = self.replies = []
-        self.doorbell = None
-        try:
-            self.shm.close()
-        except BufferError:
-            pass
-        try:
-            self.shm.unlink()
-        except FileNotFoundError:
-            pass
+        self.doorbell = self.asleep = None
+        self.segment.close()
 
 
 def _layout(num_workers: int, request_capacity: int, reply_capacity: int) -> tuple[list[tuple[int, int]], int]:
@@ -198,6 +205,7 @@ class WorkerEnd:
     def __init__(self, buffer: memoryview, descriptor: dict, spin_seconds: float):
         self.buffer = buffer
         self.doorbell = ctypes.c_int32.from_buffer(buffer, 0)
+        self.trainer_asleep = ctypes.c_int32.from_buffer(buffer, _ASLEEP)
         self.requests = Mailbox(buffer, *descriptor["request"])
         self.replies = Mailbox(buffer, *descriptor["reply"])
         self.ring_id = (descriptor["worker"] + 1) << 20
@@ -209,7 +217,8 @@ class WorkerEnd:
         fits = self.replies.write(frames)
         self.rings = (self.rings + 1) & 0xFFFFF
         self.doorbell.value = self.ring_id | self.rings
-        futex_wake(self.doorbell)
+        if self.trainer_asleep.value:
+            futex_wake(self.doorbell)
         return fits
 
     def wait(self) -> int:
@@ -222,6 +231,9 @@ class WorkerEnd:
                 self.last_seq = seq
                 return seq
             if time.perf_counter() > deadline:
-                futex_wait(word, seq, 1.0)
+                self.requests.asleep.value = 1
+                if word.value == seq:
+                    futex_wait(word, seq, _SLEEP_SLICE)
+                self.requests.asleep.value = 0
             else:
                 os.sched_yield()

@@ -121,17 +121,40 @@ def join(space: spaces.Space, leaf_values: Iterator[Any]) -> Any:
     return next(leaf_values)
 
 
-def shm_layout(space: spaces.Space, num_envs: int, align: int = 64) -> tuple[list[tuple[int, str, tuple[int, ...]]], int]:
-    """Where each fixed leaf's (num_envs, *shape) array lies in one shared buffer.
+Region = tuple[int, str, tuple[int, ...]]  # (byte offset, dtype, shape) of one array in a shared buffer
 
-    Returns ([(offset, dtype, shape) or None for a non-fixed leaf, ...], total bytes).
+
+def shm_layout(space: spaces.Space, num_envs: int, start: int = 0) -> tuple[list[Region | None], int]:
+    """Where each fixed leaf's (num_envs, *shape) array lies in a shared buffer, from `start`.
+
+    Returns ([region, or None for a non-fixed leaf, ...], the offset after the last region).
     """
-    layout, offset = [], 0
+    layout: list[Region | None] = []
+    offset = start
     for leaf in leaves(space):
         if not is_fixed(leaf):
             layout.append(None)
             continue
         shape = (num_envs, *leaf.shape)
         layout.append((offset, leaf.dtype.str, shape))
-        offset += -(-int(np.prod(shape)) * leaf.dtype.itemsize // align) * align
+        offset = _aligned(offset + int(np.prod(shape)) * leaf.dtype.itemsize)
     return layout, offset
+
+
+def batch_layout(observation_space: spaces.Space, action_space: spaces.Space, num_envs: int) -> tuple[dict[str, Any], int]:
+    """The shared batch buffer: observations, actions, rewards, terminations and truncations.
+
+    Returns ({"obs": [region...], "actions": [region...], "rewards": region, "terminated": region,
+    "truncated": region}, total bytes).
+    """
+    obs, offset = shm_layout(observation_space, num_envs)
+    actions, offset = shm_layout(action_space, num_envs, offset)
+    layout: dict[str, Any] = {"obs": obs, "actions": actions}
+    for name, dtype in (("rewards", np.dtype(np.float64)), ("terminated", np.dtype(np.bool_)), ("truncated", np.dtype(np.bool_))):
+        layout[name] = (offset, dtype.str, (num_envs,))
+        offset = _aligned(offset + num_envs * dtype.itemsize)
+    return layout, offset
+
+
+def _aligned(offset: int, align: int = 64) -> int:
+    return -(-offset // align) * align

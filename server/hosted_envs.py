@@ -37,6 +37,7 @@ class HostedEnvs:
             np.zeros((count, *leaf.shape), leaf.dtype) if space_codec.is_fixed(leaf) else None for leaf in self.leaf_spaces
         ]
         self.obs_in_shared_memory = False
+        self.action_rows: list[np.ndarray | None] = [None] * len(space_codec.leaves(self.envs[0].action_space))
         self.rewards = np.zeros(count, np.float64)
         self.terminations = np.zeros(count, np.bool_)
         self.truncations = np.zeros(count, np.bool_)
@@ -47,9 +48,11 @@ class HostedEnvs:
         self._nested_obs = len(self.leaf_spaces) > 1 or self.leaf_spaces[0] is not self.observation_space
         self._nested_action = len(space_codec.leaves(self._action_space)) > 1 or space_codec.leaves(self._action_space)[0] is not self._action_space
 
-    def use_shared_rows(self, rows: list[np.ndarray | None]) -> None:
-        """Writes observations straight into these (K, ...) views of the trainer's batch buffer."""
-        self.obs_rows = rows
+    def use_shared_memory(self, views: dict[str, Any]) -> None:
+        """Reads actions from and writes results into these (K, ...) views of the trainer's batch buffer."""
+        self.obs_rows = views["obs"]
+        self.action_rows = views["actions"]
+        self.rewards, self.terminations, self.truncations = views["rewards"], views["terminated"], views["truncated"]
         self.obs_in_shared_memory = True
 
     def _store_obs(self, i: int, obs: Any) -> None:
@@ -60,10 +63,12 @@ class HostedEnvs:
             else:
                 values[i] = value
 
-    def _action(self, action_leaves: list[Any], i: int) -> Any:
+    def _action(self, action_leaves: list[Any], row: int, i: int) -> Any:
+        """Env i's action: row `row` of a leaf sent in the message, or row i of the shared one (None)."""
         if self._nested_action:
-            return space_codec.join(self._action_space, (leaf[i] for leaf in action_leaves))
-        return action_leaves[0][i]
+            return space_codec.join(self._action_space, (shared[i] if leaf is None else leaf[row] for leaf, shared in zip(action_leaves, self.action_rows)))
+        leaf = action_leaves[0]
+        return self.action_rows[0][i] if leaf is None else leaf[row]
 
     def _obs_payload(self, local: Sequence[int] | slice) -> list[Any]:
         """Per leaf: the rows that travel as frames, or None where they are already in shared memory."""
@@ -115,17 +120,18 @@ class HostedEnvs:
                         f"env {self.env_ids[i]} raised an exception earlier and its state is unknown: "
                         "reset it (options={'reset_mask': mask}) before stepping it again"
                     )
-                info = self._step_one(i, self.envs[i], self._action(action_leaves, row))
+                info = self._step_one(i, self.envs[i], self._action(action_leaves, row, i))
             except Exception as exc:
                 self._error(errors, i, exc)
                 self.rewards[i], self.terminations[i], self.truncations[i] = 0.0, False, False
             infos.append(info)
         self.autoreset[local] = self.terminations[local] | self.truncations[local]
+        shared = self.obs_in_shared_memory
         return {
             "envs": list(env_ids),
-            "rewards": self.rewards[local],
-            "terminated": self.terminations[local],
-            "truncated": self.truncations[local],
+            "rewards": None if shared else self.rewards[local],
+            "terminated": None if shared else self.terminations[local],
+            "truncated": None if shared else self.truncations[local],
             "obs": self._obs_payload(local),
             "infos": infos,
             "errors": errors,

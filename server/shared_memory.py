@@ -41,14 +41,16 @@ def map_segment(descriptor: dict[str, Any]) -> tuple[mmap.mmap | None, str]:
     return segment, ""
 
 
-def obs_rows(segment: mmap.mmap, layout: list[Any], first_row: int, num_rows: int) -> list[np.ndarray | None]:
-    """Views of rows [first_row, first_row + num_rows) of each fixed leaf's batch array."""
-    rows: list[np.ndarray | None] = []
-    for leaf in layout:
-        if leaf is None:
-            rows.append(None)
-            continue
-        offset, dtype, shape = leaf
-        whole = np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=segment, offset=offset)
-        rows.append(whole[first_row : first_row + num_rows])
-    return rows
+def batch_rows(segment: mmap.mmap, layout: dict[str, Any], first_row: int, num_rows: int) -> dict[str, Any]:
+    """Views of rows [first_row, first_row + num_rows) of every array of the trainer's batch buffer:
+    {"obs": [view or None per leaf], "actions": [...], "rewards": view, "terminated": view, "truncated": view}."""
+
+    def rows(region: Any) -> np.ndarray | None:
+        if region is None:
+            return None
+        offset, dtype, shape = region
+        return np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=segment, offset=offset)[first_row : first_row + num_rows]
+
+    views: dict[str, Any] = {name: [rows(region) for region in layout[name]] for name in ("obs", "actions")}
+    views.update({name: rows(layout[name]) for name in ("rewards", "terminated", "truncated")})
+    return views

@@ -175,7 +175,7 @@ class Worker:
                 segment, reason = None, "this worker's envs are not a contiguous block of rows"
             if segment is not None:
                 self.segments.append(segment)
-                self.envs.use_shared_rows(shared_memory.obs_rows(segment, message["obs"].get("layout", []), first, count))
+                self.envs.use_shared_memory(shared_memory.batch_rows(segment, message["obs"]["layout"], first, count))
                 obs_ok = True
             reasons.append(reason)
         if message["channel"] is not None and shm_channel.available():

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from envfarm.protocol import ProtocolError, UnsupportedSpaceError, decode_space, encode_space, pack, unpack
-from envfarm.protocol.spaces import FIXED_LEAVES, is_fixed, join, leaves, shm_layout, split
+from envfarm.protocol.spaces import FIXED_LEAVES, batch_layout, is_fixed, join, leaves, shm_layout, split
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SLOWER = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -440,9 +440,10 @@ def test_sequence_and_oneof_are_leaves():
 
 
 @FAST
-@given(space=dict_tuple_spaces(), n=st.integers(0, 5), align=st.sampled_from([64, 64, 8, 4096]))
-def test_shm_layout_regions_are_aligned_disjoint_and_fit(space, n, align):
-    layout, total = shm_layout(space, n, align=align) if align != 64 else shm_layout(space, n)
+@given(space=dict_tuple_spaces(), n=st.integers(0, 5), start=st.sampled_from([0, 64, 4096]))
+def test_shm_layout_regions_are_aligned_disjoint_and_fit(space, n, start):
+    align = 64
+    layout, total = shm_layout(space, n, start)
     lvs = leaves(space)
     assert len(layout) == len(lvs)
     assert total >= 0 and total % align == 0
@@ -454,7 +455,7 @@ def test_shm_layout_regions_are_aligned_disjoint_and_fit(space, n, align):
         offset, dtype, shape = region
         assert dtype == leaf.dtype.str
         assert shape == (n, *leaf.shape)
-        assert offset % align == 0
+        assert offset % align == 0 and offset >= start
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         assert offset + nbytes <= total
         regions.append((offset, nbytes))
@@ -487,3 +488,15 @@ def test_shm_layout_example():
 def test_shm_layout_of_a_space_without_fixed_leaves():
     layout, total = shm_layout(spaces.Tuple([spaces.Text(3), spaces.Sequence(spaces.Discrete(2))]), 8)
     assert layout == [None, None] and total == 0
+
+
+def test_batch_layout_places_every_section_apart():
+    observation_space, action_space = spaces.Dict({"x": spaces.Box(0, 1, (3,)), "t": spaces.Text(3)}), spaces.Discrete(4)
+    layout, total = batch_layout(observation_space, action_space, 5)
+    regions = [r for r in layout["obs"] + layout["actions"] if r is not None]
+    regions += [layout["rewards"], layout["terminated"], layout["truncated"]]
+    assert layout["obs"][0] is None  # Dict sorts its keys: "t" (Text) comes first
+    assert layout["rewards"][1:] == ("<f8", (5,)) and layout["terminated"][1:] == ("|b1", (5,))
+    ends = sorted((offset, offset + int(np.prod(shape)) * np.dtype(dtype).itemsize) for offset, dtype, shape in regions)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(ends, ends[1:]))
+    assert ends[-1][1] <= total and all(offset % 64 == 0 for offset, _ in ends)
