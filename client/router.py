@@ -35,11 +35,14 @@ class WorkerHandle:
     host: str = ""
     shared_memory: bool = False  # reads actions from and writes results into the trainer's batch buffer
     channel: bool = False  # talks through the trainer's shared-memory channel, not the socket
+    inline: Any = None  # a RequestHandler run in the trainer's own process (inline_worker=True)
     dead: str = ""  # why, once it is known to be gone
     hello: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         envs = f"env {self.env_ids[0]}" if len(self.env_ids) == 1 else f"envs {self.env_ids[0]}-{self.env_ids[-1]}"
+        if self.inline is not None:
+            return f"worker {self.index} (in the trainer, {envs})"
         pid = f", pid {self.pid}" if self.pid else ""
         return f"worker {self.index} ({self.host or 'local'}{pid}, {envs})"
 
@@ -77,6 +80,7 @@ class Router:
         self._next_rid = 0
         self.stale_replies = 0
         self.channels: TrainerChannels | None = None
+        self._inline_replies: dict[WorkerHandle, dict[str, Any]] = {}
 
     def add(self, worker: WorkerHandle) -> None:
         self.workers[worker.identity] = worker
@@ -95,6 +99,9 @@ class Router:
     def send(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         if worker.dead:
             raise self._died(worker)
+        if worker.inline is not None:  # served right here, now: the other workers were sent theirs first
+            self._inline_replies[worker] = worker.inline.respond(message)
+            return
         frames = pack(message, allow_pickle=self.trusted)
         if worker.channel and self.channels.send(worker.index, frames):
             return
@@ -129,12 +136,21 @@ class Router:
         for worker in pending:
             if worker.dead:
                 raise self._died(worker)
+        for worker in [worker for worker in pending if worker in self._inline_replies]:
+            self._accept(worker, self._inline_replies.pop(worker), pending, replies)
         while True:
             self._collect_channels(pending, replies)
             if not pending or (replies and not wait_all):
                 return replies
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
+                for fd, _ in self.poller.poll(0):  # a last look at what already arrived
+                    if fd is self.socket:
+                        self._drain(pending, replies)
+                    else:
+                        self._on_exit(fd, pending, replies)
+                if not pending or (replies and not wait_all):
+                    return replies
                 waiting = ", ".join(worker.describe() for worker in sorted(pending, key=lambda w: w.index))
                 raise multiprocessing.TimeoutError(f"no reply within {timeout} s from {waiting}")
             on_channel = [worker.index for worker in pending if worker.channel]

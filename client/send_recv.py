@@ -90,6 +90,7 @@ class SendRecv:
         """
         self._assert_is_running()
         ids = self._idle_ids(env_ids, "send")
+        self._take_replies(0.0)  # results already in come before those of this send (an inline worker's are instant)
         leaves = self._action_leaves(actions, len(ids))
         if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs[ids].any():
             ended = [i for i in ids if self._autoreset_envs[i]]
@@ -119,17 +120,10 @@ class SendRecv:
                 f"recv() needs {self.batch_size} envs (batch_size) running or ready, but only {waiting} are: "
                 "send actions (or async_reset) for more envs first"
             )
+        self._take_replies(0.0)
         while len(self._ready) < self.batch_size:
-            expected = {worker: rid for worker, (rid, _, _) in self._in_flight.items()}
-            try:
-                replies = self._router.collect(expected, timeout, wait_all=False)
-            except multiprocessing.TimeoutError:
-                raise multiprocessing.TimeoutError(f"The call to `recv` has timed out after {timeout} second(s).") from None
-            except FarmError as e:
-                self._failure = e
-                raise
-            for worker, reply in sorted(replies.items(), key=lambda item: item[0].index):
-                self._on_reply(worker, reply)
+            if not self._take_replies(timeout):
+                raise multiprocessing.TimeoutError(f"The call to `recv` has timed out after {timeout} second(s).")
         ids = [self._ready.popleft() for _ in range(self.batch_size)]
         failed = [i for i in ids if i in self._ready_errors]
         if failed:
@@ -195,6 +189,22 @@ class SendRecv:
             self._failure = e
             raise
         self._in_flight[worker] = (rid, kind, fields["envs"])
+
+    def _take_replies(self, timeout: float | None) -> bool:
+        """Moves the replies that arrive within `timeout` into the ready queue; False if none did."""
+        expected = {worker: rid for worker, (rid, _, _) in self._in_flight.items()}
+        if not expected:
+            return False
+        try:
+            replies = self._router.collect(expected, timeout, wait_all=False)
+        except multiprocessing.TimeoutError:
+            return False
+        except FarmError as e:
+            self._failure = e
+            raise
+        for worker, reply in sorted(replies.items(), key=lambda item: item[0].index):
+            self._on_reply(worker, reply)
+        return True
 
     def _on_reply(self, worker: WorkerHandle, reply: dict[str, Any]) -> None:
         _, kind, env_ids = self._in_flight.pop(worker)

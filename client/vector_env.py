@@ -45,10 +45,13 @@ from envfarm.client.send_recv import SendRecv
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo
+from envfarm.server import RequestHandler
 
 DEFAULT_CLOSE_TIMEOUT = 5.0
-# Busy-wait budgets on the shared-memory channel (see envfarm/channel.py and docs/benchmarks.md).
-WORKER_SPIN_SECONDS = 200e-6
+# Busy-wait budgets on the shared-memory channel before sleeping on a futex. Measured on 2 cores,
+# CartPole, 16 envs, 2 workers, median of 5 interleaved runs, ratio to SyncVectorEnv: no spin 0.37,
+# workers only 0.38, both 100 us 0.63, both 300 us 0.57 (docs/benchmarks.md).
+WORKER_SPIN_SECONDS = 100e-6
 TRAINER_SPIN_SECONDS = 100e-6
 DEFAULT_STARTUP_TIMEOUT = 120.0
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
@@ -80,6 +83,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         envs_per_worker: Envs each worker hosts; sets `num_workers` to ceil(num_envs / this).
         batch_size: How many envs `recv` returns (the send/recv API, see client/send_recv.py);
             default num_envs.
+        inline_worker: Serve the last worker's block of envs in this process, stepped while
+            the other workers step theirs. Faster for cheap envs when every CPU has a worker, but
+            those envs share the trainer's fate: a crash or hang there is the trainer's.
         startup_timeout: Seconds to wait for the workers to start and build their envs.
 
     Raises:
@@ -102,6 +108,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         num_workers: int | None = None,
         envs_per_worker: int | None = None,
         batch_size: int | None = None,
+        inline_worker: bool = False,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     ) -> None:
         if worker is not None:
@@ -118,6 +125,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self.autoreset_mode = autoreset_mode if isinstance(autoreset_mode, AutoresetMode) else AutoresetMode(autoreset_mode)
         self.max_concurrency = max_concurrency
         self.num_workers = _worker_count(self.num_envs, num_workers, envs_per_worker, max_concurrency)
+        self.inline_worker = inline_worker
 
         self._state = AsyncState.DEFAULT
         self._pending: tuple[int, list[WorkerHandle]] | None = None
@@ -138,10 +146,13 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     # ----------------------------------------------------------------- start-up
 
     def _start(self, blocks: list[range], timeout: float) -> None:
-        self._workers.extend(start_local_workers(self._router.endpoint, blocks, self.context, self.daemon))
+        remote_blocks = blocks[:-1] if self.inline_worker else blocks
+        self._workers.extend(start_local_workers(self._router.endpoint, remote_blocks, self.context, self.daemon))
+        if self.inline_worker:
+            self._workers.append(WorkerHandle(len(remote_blocks), b"", blocks[-1], inline=RequestHandler(trusted=True)))
         for worker in self._workers:
             self._router.add(worker)
-        self._router.gather(0, self._workers, timeout)  # every worker says HELLO with rid 0
+        self._router.gather(0, [w for w in self._workers if w.inline is None], timeout)  # each says HELLO with rid 0
 
         rid = self._router.new_rid()
         for worker in self._workers:
@@ -169,13 +180,13 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             return
         rid = self._router.new_rid()
         for worker in self._workers:
-            channel = None if channels is None else {**channels.descriptor(worker.index), "spin": WORKER_SPIN_SECONDS}
+            channel = None if channels is None or worker.inline is not None else {**channels.descriptor(worker.index), "spin": WORKER_SPIN_SECONDS}
             self._router.send(worker, m.make(m.ATTACH, rid, obs=buffer.descriptor, channel=channel))
         for worker, reply in self._replies(self._router.gather(rid, self._workers, timeout)):
             attached = reply["kind"] == m.ATTACHED
             worker.shared_memory = attached and reply["obs"]
             worker.channel = attached and reply["channel"]
-            if (buffer.descriptor is not None and not worker.shared_memory) or (channels is not None and not worker.channel):
+            if (buffer.descriptor is not None and not worker.shared_memory) or (channels is not None and not worker.channel and worker.inline is None):
                 logger.warn(f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket")
         if channels is not None:
             self._router.use_channels(channels)
@@ -187,8 +198,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         block = max(len(worker.env_ids) for worker in self._workers)
         _, obs_bytes = space_codec.shm_layout(self.single_observation_space, block)
         _, action_bytes = space_codec.shm_layout(self.single_action_space, block)
-        # The trainer sleeps rather than spins when every CPU already has a worker to run.
-        spin = TRAINER_SPIN_SECONDS if self.num_workers < available_cpus() else 0.0
+        spin = TRAINER_SPIN_SECONDS
         capacities = (64 << 10) + 2 * action_bytes, (1 << 20) + 2 * obs_bytes
         channels = TrainerChannels(Segment(TrainerChannels.size(self.num_workers, *capacities)), self.num_workers, *capacities, spin)
         self._segments.append(channels)
@@ -244,7 +254,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     @property
     def processes(self) -> list[multiprocessing.Process]:
         """The worker processes (each hosts a block of envs, unlike AsyncVectorEnv's one per env)."""
-        return [worker.process for worker in self._workers]
+        return [worker.process for worker in self._workers if worker.process is not None]
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         """Resets the sub-environments (all, or those in `options["reset_mask"]`) and returns the batch.
@@ -479,7 +489,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 logger.warn(f"envfarm: env {env_id} raised in close(): {ErrorInfo.from_data(error).message}")
         deadline = time.monotonic() + timeout
         for worker in self._workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process is not None:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
 
     # ----------------------------------------------------------------- helpers
 
@@ -587,6 +598,8 @@ def _release(router: Router, workers: list[WorkerHandle], segments: list[BatchBu
     for worker in workers:
         if worker.process is not None:
             worker.process.join()
+        elif worker.inline is not None and worker.inline.envs is not None and not worker.inline.closed:
+            worker.inline.respond({"kind": m.CLOSE, "rid": 0})
     router.close()
     for segment in segments:
         segment.close()

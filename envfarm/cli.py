@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-shared-memory", action="store_true", help="send observations on the socket")
     run.add_argument("--context", choices=["fork", "spawn", "forkserver"], default=None)
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    from envfarm.bench import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="compare envfarm with SyncVectorEnv, AsyncVectorEnv and EnvPool")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -54,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         print(format_summary(summary, args.json))
         return 0
+    if args.command == "bench":
+        from envfarm.bench import main as bench_main
+
+        return bench_main(args)
     return 2
 
 

@@ -75,6 +75,14 @@ def test_spawn_matches_sync(space, mode, shared_memory):
     run_side_by_side(env_fns, 100, mode, shared_memory=shared_memory, num_workers=2, context="spawn")
 
 
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "wire"])
+@pytest.mark.parametrize("space", ["dict", "text"])
+def test_inline_worker_matches_sync(space, mode, shared_memory):
+    env_fns = [functools.partial(ScriptedEnv, obs=space)] * 5
+    run_side_by_side(env_fns, 100, mode, shared_memory=shared_memory, num_workers=2, inline_worker=True)
+
+
 def test_uneven_workers_and_one_env_per_worker():
     env_fns = [functools.partial(ScriptedEnv, obs="dict")] * 5
     run_side_by_side(env_fns, 80, AutoresetMode.NEXT_STEP, envs_per_worker=1, context="fork")

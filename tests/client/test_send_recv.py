@@ -27,12 +27,13 @@ def assert_info_row(expected: dict, actual: dict, j: int, where: str) -> None:
             assert_same(value[0], actual[key][j], f"{where}: info {key!r}")
 
 
+@pytest.mark.parametrize("inline_worker", [False, True], ids=["processes", "inline"])
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "wire"])
-def test_each_env_follows_its_sequential_trajectory(shared_memory):
+def test_each_env_follows_its_sequential_trajectory(shared_memory, inline_worker):
     num_envs, batch_size, seed = 6, 2, 7
     # Uneven step costs make envs come back in a varying order.
     fns = [functools.partial(ScriptedEnv, obs="box", step_sleep=0.002 * (i % 2)) for i in range(num_envs)]
-    envs = envfarm.FarmVectorEnv(fns, num_workers=3, batch_size=batch_size, shared_memory=shared_memory)
+    envs = envfarm.FarmVectorEnv(fns, num_workers=3, batch_size=batch_size, shared_memory=shared_memory, inline_worker=inline_worker)
     references = [gym.vector.SyncVectorEnv([fn]) for fn in fns]
     rng = np.random.default_rng(1)
     last_action: dict[int, np.ndarray] = {}

@@ -190,3 +190,19 @@ def test_structured_action_with_a_missing_key_is_a_clear_error():
             envs.step({"move": np.zeros(2, dtype=np.int64)})
     finally:
         envs.close()
+
+
+def test_inline_worker_serves_the_last_block_in_this_process():
+    envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, fail_at_step=2)] * 4, num_workers=2, inline_worker=True)
+    try:
+        assert len(envs.processes) == 1
+        envs.reset(seed=0)
+        envs.step(np.zeros(4, dtype=np.int64))
+        with pytest.raises(ValueError, match="scripted failure") as raised:
+            envs.step(np.zeros(4, dtype=np.int64))
+        assert raised.value.failed_envs == [0, 1, 2, 3]
+        assert "in the trainer" in "".join(raised.value.__notes__)
+        envs.reset(seed=1)
+        assert envs.get_attr("total_steps") == (2, 2, 2, 2)
+    finally:
+        envs.close()

@@ -1,0 +1,470 @@
+"""`envfarm bench`: envfarm against SyncVectorEnv, AsyncVectorEnv and EnvPool, interleaved in one run.
+
+Every measurement builds a vector env, resets it, warms it up, times steps with pre-sampled
+random actions, and closes it. Measurements are interleaved (repeat, then env, then num_envs,
+then every backend in a rotated order) so that a noisy machine's slow spells fall on all the
+backends alike; results are medians over the repeats, and ratios compare medians of the same
+env and num_envs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector.utils import batch_space
+
+import envfarm
+from envfarm.bench_envs import SYNTHETIC_ID
+
+BACKENDS = ("sync", "async", "envpool", "envfarm", "envfarm-wire", "envfarm-inline", "envfarm-async")
+INSTALL_HINT = "pip install 'envfarm[bench]'"
+ACTION_POOL = 64  # distinct pre-sampled batched actions, cycled through while timing
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvCase:
+    """One env of the bench, as Gymnasium and (where it has it) EnvPool name it."""
+
+    key: str
+    env_id: str
+    kwargs: dict[str, Any]
+    requires: tuple[str, ...] = ()
+    envpool_id: str | None = None
+    envpool_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    envs: tuple[str, ...] = ("cartpole", "halfcheetah", "pong", "synthetic")
+    num_envs: tuple[int, ...] = (8, 16, 32, 64)
+    backends: tuple[str, ...] = BACKENDS
+    repeats: int = 3
+    steps: int = 20_000  # env steps timed per measurement, at most...
+    seconds: float = 2.0  # ...and for at most this long, so slow envs do not dominate the run
+    warmup: int = 5  # untimed steps (calls) after reset
+    synthetic_step_us: float = 1000.0
+    synthetic_obs: tuple[int, ...] = (84, 84, 3)
+    seed: int = 0
+
+
+# The CI smoke: every backend's code path on two cheap envs, in seconds.
+QUICK = BenchConfig(
+    envs=("cartpole", "synthetic"), num_envs=(4,), repeats=1, steps=400, seconds=2.0,
+    synthetic_step_us=100.0, synthetic_obs=(16, 16, 3),
+)
+
+
+def env_cases(config: BenchConfig) -> dict[str, EnvCase]:
+    """The bench's envs by key; EnvPool's Pong is set up to match Gymnasium's ALE/Pong-v5 (RGB, no stacking)."""
+    synthetic = {"step_cost_us": config.synthetic_step_us, "obs_shape": config.synthetic_obs}
+    pong_like_ale = {
+        "img_height": 210, "img_width": 160, "gray_scale": False, "stack_num": 1,
+        "noop_max": 1, "use_fire_reset": False, "repeat_action_probability": 0.25,
+    }
+    cases = [
+        EnvCase("cartpole", "CartPole-v1", {}, envpool_id="CartPole-v1"),
+        EnvCase("halfcheetah", "HalfCheetah-v5", {}, ("mujoco",), "HalfCheetah-v5"),
+        EnvCase("pong", "ALE/Pong-v5", {}, ("ale_py",), "Pong-v5", pong_like_ale),
+        EnvCase("synthetic", SYNTHETIC_ID, synthetic),
+    ]
+    return {case.key: case for case in cases}
+
+
+@dataclasses.dataclass
+class Measurement:
+    backend: str
+    env_id: str
+    num_envs: int
+    repeat: int
+    env_steps: int
+    seconds: float
+    steps_per_s: float
+    p50_us: float  # latency of one step call (a batch of B envs for envfarm-async)
+    p90_us: float
+    p99_us: float
+    startup_s: float  # construction and first reset
+    worker_mib: float | None  # summed PSS of the worker processes; None where envs run in-process
+    trainer_mib: float  # RSS of this process (it grows over a run: modules loaded, memory not returned)
+
+
+SUMMARY_FIELDS = ("steps_per_s", "p50_us", "p90_us", "p99_us", "startup_s", "worker_mib", "trainer_mib")
+
+
+# ---------------------------------------------------------------------------------- availability
+
+
+def _missing_module(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            return name
+        if name == "ale_py":
+            gym.register_envs(module)  # ALE ids exist only once ale_py has registered them
+    return None
+
+
+def plan_cases(config: BenchConfig, log: TextIO) -> tuple[list[tuple[EnvCase, list[str]]], list[str]]:
+    """The envs that can run, each with the backends that can run it, and a message per skipped row group."""
+    known = env_cases(config)
+    skipped: list[str] = []
+
+    def skip(message: str) -> None:
+        skipped.append(message)
+        print(f"envfarm bench: skipping {message}", file=log)
+
+    for names, valid, what in ((config.envs, known, "env"), (config.backends, BACKENDS, "backend")):
+        for name in names:
+            if name not in valid:
+                raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(valid)}")
+    backends = list(config.backends)
+    if "envpool" in backends and _missing_module(("envpool",)):
+        skip(f"envpool: envpool is not installed ({INSTALL_HINT})")
+        backends.remove("envpool")
+    if "envfarm-async" in backends and not hasattr(envfarm.FarmVectorEnv, "recv"):
+        skip("envfarm-async: this envfarm has no async API (FarmVectorEnv.recv)")
+        backends.remove("envfarm-async")
+
+    plan = []
+    for key in config.envs:
+        case = known[key]
+        missing = _missing_module(case.requires)
+        if missing:
+            skip(f"{case.env_id}: {missing} is not installed ({INSTALL_HINT})")
+            continue
+        runnable = list(backends)
+        if "envpool" in runnable and case.envpool_id is None:
+            skip(f"envpool on {case.env_id}: EnvPool has no such env")
+            runnable.remove("envpool")
+        plan.append((case, runnable))
+    return plan, skipped
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+def _start(backend: str, case: EnvCase, num_envs: int, seed: int) -> tuple[Any, Callable[[int], Any], int]:
+    """Builds and resets a vector env; returns it, a step function taking the index of a pre-sampled
+    action, and the env steps each call makes."""
+    if backend == "envfarm-async":
+        batch = max(1, num_envs // 2)
+        envs = envfarm.make_vec(case.env_id, num_envs, env_kwargs=case.kwargs, batch_size=batch)
+        return envs, _async_stepper(envs, batch, seed), batch
+    if backend in ("sync", "async"):
+        vector_kwargs = {"shared_memory": True} if backend == "async" else {}
+        envs = gym.make_vec(case.env_id, num_envs, vectorization_mode=backend, vector_kwargs=vector_kwargs, **case.kwargs)
+        envs.reset(seed=seed)
+    elif backend == "envpool":
+        import envpool
+
+        envs = envpool.make_gymnasium(case.envpool_id, num_envs=num_envs, seed=seed, **case.envpool_kwargs)
+        envs.reset()  # EnvPool takes its seed at construction
+    else:
+        options = {"envfarm": {}, "envfarm-wire": {"shared_memory": False}, "envfarm-inline": {"inline_worker": True}}[backend]
+        envs = envfarm.make_vec(case.env_id, num_envs, env_kwargs=case.kwargs, **options)
+        envs.reset(seed=seed)
+    actions = _action_pool(envs.single_action_space, num_envs, seed)
+    return envs, lambda i: envs.step(actions[i % ACTION_POOL]), num_envs
+
+
+def _async_stepper(envs: Any, batch: int, seed: int) -> Callable[[int], Any]:
+    """Steps whichever `batch` envs finished first: send their actions, receive the next batch."""
+    actions = _action_pool(envs.single_action_space, batch, seed)
+    envs.async_reset(seed=seed)
+    ready = [envs.recv(timeout=None)[4]["env_id"]]
+
+    def step(i: int) -> None:
+        envs.send(actions[i % ACTION_POOL], ready[0])
+        ready[0] = envs.recv(timeout=None)[4]["env_id"]
+
+    return step
+
+
+def _action_pool(single_space: gym.Space, num_envs: int, seed: int) -> list[Any]:
+    # Sampled before timing, so that Gymnasium's sampling cost is in no backend's numbers.
+    space = batch_space(single_space, num_envs)
+    space.seed(seed)
+    return [space.sample() for _ in range(ACTION_POOL)]
+
+
+def _proc_mib(pid: int, path: str, field: str) -> float:
+    try:
+        with open(f"/proc/{pid}/{path}") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def _workers_mib(pids: list[int]) -> float:
+    # PSS, not RSS: forked workers share the trainer's pages, and summing RSS would count them once
+    # per worker (64 AsyncVectorEnv workers against envfarm's 2 would look far worse than they are).
+    return sum(_proc_mib(pid, "smaps_rollup", "Pss:") for pid in pids)
+
+
+def measure(backend: str, case: EnvCase, num_envs: int, repeat: int, config: BenchConfig) -> Measurement:
+    """One measurement: startup, warm-up, then timed steps, closing the vector env in any case."""
+    begin = time.perf_counter()
+    envs, step, per_call = _start(backend, case, num_envs, config.seed + repeat)
+    startup = time.perf_counter() - begin
+    try:
+        for i in range(config.warmup):
+            step(i)
+        calls = max(1, math.ceil(config.steps / per_call))
+        latencies = np.empty(calls)
+        start = time.perf_counter()
+        deadline = start + config.seconds
+        done = 0
+        while done < calls:
+            t = time.perf_counter()
+            step(done)
+            now = time.perf_counter()
+            latencies[done] = now - t
+            done += 1
+            if now > deadline:
+                break
+        elapsed = time.perf_counter() - start
+        p50, p90, p99 = np.percentile(latencies[:done], [50, 90, 99]) * 1e6
+        pids = [p.pid for p in getattr(envs, "processes", [])]
+        worker_mib = _workers_mib(pids) if pids else None
+        trainer_mib = _proc_mib(os.getpid(), "status", "VmRSS:")
+    finally:
+        envs.close()
+    env_steps = done * per_call
+    return Measurement(
+        backend, case.env_id, num_envs, repeat, env_steps, elapsed, env_steps / elapsed,
+        float(p50), float(p90), float(p99), startup, worker_mib, trainer_mib,
+    )
+
+
+def _rotated(items: list[str], by: int) -> list[str]:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def run_bench(config: BenchConfig, out_dir: str | Path | None = None, log: TextIO = sys.stderr) -> dict[str, Any]:
+    """Runs the bench, prints progress to `log`, and writes bench.csv/json/png to `out_dir` if given.
+
+    Returns the report written to bench.json: "meta", "results" (one row per backend, env and
+    num_envs, medians over repeats), "measurements", "skipped" and "errors".
+    """
+    plan, skipped = plan_cases(config, log)
+    cells = [(case, n, backends) for case, backends in plan for n in config.num_envs]
+    total = config.repeats * sum(len(backends) for _, _, backends in cells)
+    measurements: list[Measurement] = []
+    errors: list[str] = []
+    count = 0
+    for repeat in range(config.repeats):
+        for index, (case, n, backends) in enumerate(cells):
+            for backend in _rotated(backends, repeat + index):
+                count += 1
+                label = f"[{count}/{total}] {backend} {case.env_id} n={n} repeat {repeat + 1}"
+                try:
+                    result = measure(backend, case, n, repeat, config)
+                except Exception as e:  # one broken backend must not cost the whole run
+                    errors.append(f"{label}: {type(e).__name__}: {e}")
+                    print(f"{label}: failed: {type(e).__name__}: {e}", file=log, flush=True)
+                    continue
+                measurements.append(result)
+                print(f"{label}: {result.steps_per_s:,.0f} steps/s", file=log, flush=True)
+
+    report = {
+        "meta": _meta(config),
+        "results": summarize(measurements),
+        "measurements": [dataclasses.asdict(m) for m in measurements],
+        "skipped": skipped,
+        "errors": errors,
+    }
+    if out_dir is not None:
+        write_outputs(report, Path(out_dir), log)
+    return report
+
+
+def summarize(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """One row per (env, num_envs, backend) in first-measured order: medians over repeats, and the
+    ratio of its median steps/s to sync's and async's for the same env and num_envs."""
+    groups: dict[tuple[str, int, str], list[Measurement]] = {}
+    for m in measurements:
+        groups.setdefault((m.env_id, m.num_envs, m.backend), []).append(m)
+    rows = []
+    for (env_id, num_envs, backend), group in groups.items():
+        row: dict[str, Any] = {"env_id": env_id, "num_envs": num_envs, "backend": backend, "repeats": len(group)}
+        for field in SUMMARY_FIELDS:
+            values = [getattr(m, field) for m in group if getattr(m, field) is not None]
+            row[field] = statistics.median(values) if values else None
+        rows.append(row)
+    speed = {(r["env_id"], r["num_envs"], r["backend"]): r["steps_per_s"] for r in rows}
+    for row in rows:
+        for anchor in ("sync", "async"):
+            base = speed.get((row["env_id"], row["num_envs"], anchor))
+            row[f"vs_{anchor}"] = row["steps_per_s"] / base if base else None
+    cells = list(dict.fromkeys((r["env_id"], r["num_envs"]) for r in rows))
+    rows.sort(key=lambda r: (cells.index((r["env_id"], r["num_envs"])), BACKENDS.index(r["backend"])))
+    return rows
+
+
+def _meta(config: BenchConfig) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "command": command_line(config),
+        "commit": commit,
+        "envfarm": envfarm.__version__,
+        "gymnasium": gym.__version__,
+        "python": platform.python_version(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "config": dataclasses.asdict(config),
+    }
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The results as a fixed-width table, one block per env and num_envs."""
+    header = ("env", "n", "backend", "steps/s", "x sync", "x async", "p50 us", "p90 us", "p99 us", "startup s", "workers MiB", "trainer MiB")
+    formats = ("{}", "{}", "{}", "{:,.0f}", "{:.2f}", "{:.2f}", "{:,.0f}", "{:,.0f}", "{:,.0f}", "{:.3f}", "{:,.0f}", "{:,.0f}")
+    keys = ("env_id", "num_envs", "backend", "steps_per_s", "vs_sync", "vs_async", "p50_us", "p90_us", "p99_us", "startup_s", "worker_mib", "trainer_mib")
+    table = [header]
+    for row in rows:
+        table.append(tuple("-" if row[k] is None else fmt.format(row[k]) for k, fmt in zip(keys, formats)))
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = []
+    for i, line in enumerate(table):
+        if i > 1 and line[:2] != table[i - 1][:2]:
+            lines.append("")
+        lines.append("  ".join(cell.ljust(w) if j < 3 else cell.rjust(w) for j, (cell, w) in enumerate(zip(line, widths))).rstrip())
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path, log: TextIO = sys.stderr) -> None:
+    """Writes bench.csv (the results rows), bench.json (the whole report) and bench.png (if matplotlib is there)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = report["results"]
+    with open(out_dir / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["env_id", "num_envs", "backend"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out_dir / "bench.json", "w") as f:
+        json.dump(report, f, indent=1)
+    written = ["bench.csv", "bench.json"]
+    try:
+        plot(rows, out_dir / "bench.png", report["meta"]["commit"])
+        written.append("bench.png")
+    except ImportError:
+        print(f"envfarm bench: skipping the plot: matplotlib is not installed ({INSTALL_HINT})", file=log)
+    print(f"envfarm bench: wrote {', '.join(str(out_dir / name) for name in written)}", file=log)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, commit: str) -> None:
+    """Steps/s against num_envs, one panel per env, one line per backend (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env_ids = list(dict.fromkeys(r["env_id"] for r in rows)) or ["(no results)"]
+    cols = min(2, len(env_ids))
+    lines = math.ceil(len(env_ids) / cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(6 * cols, 4 * lines), squeeze=False)
+    for ax, env_id in zip(axes.flat, env_ids):
+        for backend in BACKENDS:
+            points = sorted((r["num_envs"], r["steps_per_s"]) for r in rows if r["env_id"] == env_id and r["backend"] == backend)
+            if points:
+                # A fixed colour per backend, the same in every panel whatever is missing from it.
+                ax.plot(*zip(*points), marker="o", label=backend, color=f"C{BACKENDS.index(backend)}")
+        ax.set(title=env_id, xlabel="num_envs", ylabel="steps/s (median)", yscale="log")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(env_ids):]:
+        ax.set_visible(False)
+    fig.suptitle(f"envfarm bench ({commit})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- command line
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in _names(text))
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.lower().split("x"))
+
+
+def command_line(config: BenchConfig) -> str:
+    """The `envfarm bench` command that runs exactly `config` (recorded with the results)."""
+    return shlex.join([
+        "envfarm", "bench", "--envs", ",".join(config.envs), "--num-envs", ",".join(map(str, config.num_envs)),
+        "--backends", ",".join(config.backends), "--repeats", str(config.repeats), "--steps", str(config.steps),
+        "--seconds", f"{config.seconds:g}", "--synthetic-step-us", f"{config.synthetic_step_us:g}",
+        "--synthetic-obs", "x".join(map(str, config.synthetic_obs)),
+    ])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `envfarm bench` options; unset ones take the defaults of the full or the --quick config."""
+    parser.add_argument("--envs", type=_names, help="comma-separated: cartpole,halfcheetah,pong,synthetic")
+    parser.add_argument("--num-envs", type=_ints, help="comma-separated, default 8,16,32,64")
+    parser.add_argument("--backends", type=_names, help=f"comma-separated, default {','.join(BACKENDS)}")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds over everything (default 3)")
+    parser.add_argument("--steps", type=int, help="env steps timed per measurement (default 20000)...")
+    parser.add_argument("--seconds", type=float, help="...or at most this long (default 2)")
+    parser.add_argument("--synthetic-step-us", type=float, help="CPU microseconds per synthetic step (default 1000)")
+    parser.add_argument("--synthetic-obs", type=_shape, help="synthetic uint8 observation shape (default 84x84x3)")
+    parser.add_argument("--out", default="bench-results", help="directory for bench.csv, bench.json, bench.png")
+    parser.add_argument("--quick", action="store_true", help="a tiny config for a smoke test (CI)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs `envfarm bench` from parsed arguments; prints the table to stdout."""
+    config = dataclasses.replace(QUICK) if args.quick else BenchConfig()
+    for field in ("envs", "num_envs", "backends", "repeats", "steps", "seconds", "synthetic_step_us", "synthetic_obs"):
+        if getattr(args, field) is not None:
+            setattr(config, field, getattr(args, field))
+    if config.repeats < 1 or config.steps < 1 or not config.num_envs or min(config.num_envs) < 1:
+        print("envfarm bench: --repeats, --steps and --num-envs must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        report = run_bench(config, args.out)
+    except ValueError as e:
+        print(f"envfarm bench: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nenvfarm bench: interrupted", file=sys.stderr)
+        return 130
+    print(format_table(report["results"]))
+    return 1 if report["errors"] else 0

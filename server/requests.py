@@ -1,0 +1,116 @@
+"""Answering requests: what a worker does with each message, independent of how it arrives.
+
+A RequestHandler hosts the envs (HostedEnvs) once CREATE arrives, attaches to the trainer's shared
+memory on ATTACH, and turns every other request into its reply. Any exception becomes an ERROR
+reply: the worker reports it and goes on serving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cloudpickle
+import gymnasium as gym
+from gymnasium.vector import AutoresetMode
+
+from envfarm import channel as shm_channel
+from envfarm.protocol import messages as m
+from envfarm.protocol import spaces as space_codec
+from envfarm.protocol.errors import ErrorInfo, ProtocolError
+from envfarm.server import shared_memory
+from envfarm.server.hosted_envs import HostedEnvs
+
+
+class RequestHandler:
+    """Turns requests into replies for the envs of one worker."""
+
+    def __init__(self, *, trusted: bool):
+        self.trusted = trusted
+        self.envs: HostedEnvs | None = None
+        self.channel: shm_channel.WorkerEnd | None = None  # set by ATTACH when the channel probe succeeds
+        self.segments: list = []  # mappings of the trainer's shared memory, kept open
+        self.closed = False
+
+    def respond(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The reply to one decoded message; an ERROR reply if it is malformed or fails."""
+        rid = message.get("rid") if type(message.get("rid")) is int else 0
+        try:
+            return self.handle(m.check(message))
+        except Exception as exc:
+            return m.make(m.ERROR, rid, error=ErrorInfo.from_exception(exc).to_data())
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        kind, rid = message["kind"], message["rid"]
+        if kind == m.CREATE:
+            return m.make(m.CREATED, rid, **self.create(message))
+        if kind == m.HEARTBEAT:
+            return m.make(m.HEARTBEAT, rid)
+        if kind == m.ATTACH:
+            return m.make(m.ATTACHED, rid, **self.attach(message))
+        envs = self.envs
+        if envs is None:
+            raise ProtocolError(f"{kind} before CREATE: this worker hosts no envs yet")
+        if kind == m.STEP:
+            return m.make(m.RESULT, rid, **envs.step(message["envs"], message["actions"]))
+        if kind == m.RESET:
+            return m.make(m.RESULT, rid, **envs.reset(message["envs"], message["seeds"], message["options"]))
+        if kind == m.CALL:
+            return m.make(m.RESULT, rid, **envs.call(message["name"], message["args"], message["kwargs"]))
+        if kind == m.SET_ATTR:
+            return m.make(m.RESULT, rid, **envs.set_attr(message["name"], message["values"]))
+        if kind == m.CLOSE:
+            self.closed = True
+            return m.make(m.RESULT, rid, **envs.close())
+        raise ProtocolError(f"a worker does not serve {kind} messages")
+
+    def create(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.envs is not None:
+            raise ProtocolError("CREATE sent twice: this worker already hosts envs")
+        source = message["source"]
+        if "env_fns" in source:
+            if not self.trusted:
+                raise ProtocolError("refused pickled env_fns: this worker was not started in trusted mode")
+            env_fns = cloudpickle.loads(source["env_fns"])
+            envs = [env_fn() for env_fn in env_fns]
+        else:
+            envs = [gym.make(source["env_id"], **source.get("kwargs", {})) for _ in message["envs"]]
+        if len(envs) != len(message["envs"]):
+            raise ProtocolError(f"CREATE names {len(message['envs'])} envs but brings {len(envs)} env_fns")
+        self.envs = HostedEnvs(envs, message["envs"], AutoresetMode(message["autoreset_mode"]))
+        return {
+            "spaces": [[self._space(env.observation_space), self._space(env.action_space)] for env in envs],
+            "metadata": dict(envs[0].metadata),
+            "render_mode": envs[0].render_mode,
+        }
+
+    def _space(self, space: gym.Space) -> Any:
+        try:
+            return space_codec.encode_space(space)
+        except space_codec.UnsupportedSpaceError:
+            if self.trusted:  # travels pickled, as Gymnasium's AsyncVectorEnv sends it
+                return space
+            raise
+
+    def attach(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Maps the trainer's observation buffer and message channel where the nonce probe succeeds."""
+        if self.envs is None:
+            raise ProtocolError("ATTACH before CREATE")
+        reasons, obs_ok, channel_ok = [], False, False
+        if message["obs"] is not None:
+            first, count = self.envs.env_ids[0], len(self.envs.env_ids)
+            segment, reason = shared_memory.map_segment(message["obs"])
+            if segment is not None and self.envs.env_ids != list(range(first, first + count)):
+                segment, reason = None, "this worker's envs are not a contiguous block of rows"
+            if segment is not None:
+                self.segments.append(segment)
+                self.envs.use_shared_memory(shared_memory.batch_rows(segment, message["obs"]["layout"], first, count))
+                obs_ok = True
+            reasons.append(reason)
+        if message["channel"] is not None and shm_channel.available():
+            segment, reason = shared_memory.map_segment(message["channel"])
+            if segment is not None:
+                self.segments.append(segment)
+                self.channel = shm_channel.WorkerEnd(memoryview(segment), message["channel"], message["channel"].get("spin", 0.0))
+                channel_ok = True
+            reasons.append(reason)
+        return {"obs": obs_ok, "channel": channel_ok, "reason": "; ".join(r for r in reasons if r)}
