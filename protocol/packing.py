@@ -1,8 +1,8 @@
 """Packing: one message is a msgpack header frame followed by one raw frame per numpy array.
 
-Arrays (and numpy scalars, which keep their dtype) appear in the header as msgpack extension
-values that name their frame, dtype and shape, so an array is never copied into the header and
-never pickled. Tuples survive the trip as tuples. Anything else that msgpack cannot carry is an
+Arrays appear in the header as msgpack extension values that name their frame, dtype and shape,
+so an array is never copied into the header and never pickled; numpy scalars (which keep their
+dtype) are small and travel inside the header. Tuples survive the trip as tuples. Anything else that msgpack cannot carry is an
 error, unless the link is trusted (a worker this process started itself, on a private socket):
 then it is pickled with cloudpickle, as Gymnasium's AsyncVectorEnv does with every message.
 
@@ -128,10 +128,9 @@ class _Encoder:
             frames.append((obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)).reshape(-1).view(np.uint8))
             return msgpack.ExtType(EXT_ARRAY, _pack_meta((len(frames) - 1, name, obj.shape)))
         if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
+            # Inline: infos carry many scalars, and a frame each would cost more than the value.
             array = np.asarray(obj)  # an empty string scalar has itemsize 0; its array has 1
-            name = _wire_dtype(array.dtype)
-            frames.append(array.tobytes())
-            return msgpack.ExtType(EXT_SCALAR, _pack_meta((len(frames) - 1, name, ())))
+            return msgpack.ExtType(EXT_SCALAR, _pack_meta((_wire_dtype(array.dtype), array.tobytes())))
         if type(obj) is tuple:
             return msgpack.ExtType(EXT_TUPLE, self.packb(list(obj)))
         if isinstance(obj, dict):  # an OrderedDict and friends travel as plain dicts
@@ -155,8 +154,10 @@ class _Decoder:
         return msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=False)
 
     def ext_hook(self, code: int, data: bytes) -> Any:
-        if code == EXT_ARRAY or code == EXT_SCALAR:
-            return self.array(data, scalar=code == EXT_SCALAR)
+        if code == EXT_ARRAY:
+            return self.array(data)
+        if code == EXT_SCALAR:
+            return self.scalar(data)
         if code == EXT_TUPLE:
             self.depth += 1
             if self.depth > self.limits.max_tuple_depth:
@@ -170,7 +171,14 @@ class _Decoder:
             return pickle.loads(data)
         raise ProtocolError(f"unknown msgpack extension type {code}")
 
-    def array(self, data: bytes, scalar: bool) -> Any:
+    def scalar(self, data: bytes) -> Any:
+        dtype_name, raw = msgpack.unpackb(data)
+        dtype = _parse_dtype(dtype_name)
+        if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
+            raise ProtocolError(f"a numpy scalar of dtype {dtype} needs {dtype.itemsize} bytes, got {len(raw) if isinstance(raw, bytes) else raw!r:.40}")
+        return np.frombuffer(raw, dtype=dtype)[0]
+
+    def array(self, data: bytes) -> Any:
         frames, limits = self.frames, self.limits
         index, dtype_name, shape = msgpack.unpackb(data, use_list=True)
         if not (type(index) is int and 1 <= index < len(frames)):
@@ -178,13 +186,10 @@ class _Decoder:
         dtype = _parse_dtype(dtype_name)
         if not (isinstance(shape, list) and len(shape) <= limits.max_ndim and all(type(d) is int and d >= 0 for d in shape)):
             raise ProtocolError(f"bad array shape {shape!r:.80}")
-        if scalar and shape:
-            raise ProtocolError(f"a numpy scalar must have shape [], got {shape!r:.80}")
         size = math.prod(shape) * dtype.itemsize
         if size > limits.max_array_bytes:
             raise ProtocolError(f"array of dtype {dtype} and shape {tuple(shape)} is {size} bytes, over the limit of {limits.max_array_bytes}")
         buffer = frames[index]
         if size != len(buffer):
             raise ProtocolError(f"array of dtype {dtype} and shape {tuple(shape)} needs {size} bytes, its frame has {len(buffer)}")
-        array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
-        return array[()] if scalar else array.copy()
+        return np.frombuffer(buffer, dtype=dtype).reshape(shape).copy()
