@@ -12,6 +12,7 @@ unpickles unless told the link is trusted.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 from dataclasses import dataclass
@@ -59,6 +60,14 @@ def _wire_dtype(dtype: np.dtype) -> str:
             raise TypeError(f"envfarm carries numpy arrays of plain numbers or strings, not dtype {dtype}")
         name = _allowed_dtypes[dtype] = dtype.str
     return name
+
+
+_scalar_prefixes: dict[np.dtype, bytes] = {}
+
+
+def _scalar_prefix(dtype: np.dtype) -> bytes:
+    prefix = _scalar_prefixes[dtype] = (_wire_dtype(dtype) + ":").encode("ascii")
+    return prefix
 
 
 _parsed_dtypes: dict[str, np.dtype] = {}
@@ -122,25 +131,33 @@ class _Encoder:
         return msgpack.packb(obj, default=self.default, use_bin_type=True, strict_types=True)
 
     def default(self, obj: Any) -> Any:
-        frames = self.frames
+        if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
+            # Inline, as "<dtype>:<bytes>": infos carry many scalars, and a frame or a nested
+            # msgpack document each would cost more than the value.
+            if obj.dtype.itemsize == 0:  # an empty string scalar; its array has itemsize 1
+                obj = np.asarray(obj)
+            prefix = _scalar_prefixes.get(obj.dtype) or _scalar_prefix(obj.dtype)
+            return _ext((EXT_SCALAR, prefix + obj.tobytes()))
         if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+            frames = self.frames
             name = _wire_dtype(obj.dtype)
             frames.append((obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)).reshape(-1).view(np.uint8))
-            return msgpack.ExtType(EXT_ARRAY, _pack_meta((len(frames) - 1, name, obj.shape)))
-        if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
-            # Inline: infos carry many scalars, and a frame each would cost more than the value.
-            array = np.asarray(obj)  # an empty string scalar has itemsize 0; its array has 1
-            return msgpack.ExtType(EXT_SCALAR, _pack_meta((_wire_dtype(array.dtype), array.tobytes())))
+            return _ext((EXT_ARRAY, _pack_meta((len(frames) - 1, name, obj.shape))))
         if type(obj) is tuple:
-            return msgpack.ExtType(EXT_TUPLE, self.packb(list(obj)))
+            return _ext((EXT_TUPLE, self.packb(list(obj))))
         if isinstance(obj, dict):  # an OrderedDict and friends travel as plain dicts
             return dict(obj)
         if self.allow_pickle:
-            return msgpack.ExtType(EXT_PICKLE, cloudpickle.dumps(obj))
+            return _ext((EXT_PICKLE, cloudpickle.dumps(obj)))
         raise TypeError(
             f"cannot send a value of type {type(obj).__qualname__} over an untrusted link: "
             "use numbers, strings, bytes, lists, tuples, dicts and numpy arrays"
         )
+
+
+# msgpack.ExtType's constructor re-checks its arguments, which costs more than the rest of
+# packing a scalar; ours are always an int code and bytes.
+_ext = functools.partial(tuple.__new__, msgpack.ExtType)
 
 
 class _Decoder:
@@ -172,11 +189,13 @@ class _Decoder:
         raise ProtocolError(f"unknown msgpack extension type {code}")
 
     def scalar(self, data: bytes) -> Any:
-        dtype_name, raw = msgpack.unpackb(data)
-        dtype = _parse_dtype(dtype_name)
-        if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
-            raise ProtocolError(f"a numpy scalar of dtype {dtype} needs {dtype.itemsize} bytes, got {len(raw) if isinstance(raw, bytes) else raw!r:.40}")
-        return np.frombuffer(raw, dtype=dtype)[0]
+        split = data.find(b":", 0, 17)
+        if split < 0:
+            raise ProtocolError("a numpy scalar must be '<dtype>:<bytes>'")
+        dtype = _parse_dtype(data[:split].decode("ascii", "replace"))
+        if len(data) - split - 1 != dtype.itemsize:
+            raise ProtocolError(f"a numpy scalar of dtype {dtype} needs {dtype.itemsize} bytes, got {len(data) - split - 1}")
+        return np.frombuffer(data, dtype=dtype, offset=split + 1)[0]
 
     def array(self, data: bytes) -> Any:
         frames, limits = self.frames, self.limits

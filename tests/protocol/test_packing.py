@@ -390,10 +390,10 @@ def test_frame_length_must_match_dtype_and_shape(length):
         unpack(frames)
 
 
-@pytest.mark.parametrize("payload", [("<f8", b"\0" * 4), ("<f8", b"\0" * 9), ("<f8", "text"), ("|O", b"\0" * 8), ("<f8",)])
+@pytest.mark.parametrize("payload", [b"<f8:" + b"\0" * 4, b"<f8:" + b"\0" * 9, b"<f8" + b"\0" * 8, b"|O:" + b"\0" * 8, b"\xff\xfe:\0", b""])
 def test_malformed_scalar_is_a_protocol_error(payload):
     with pytest.raises(ProtocolError):
-        unpack([header({"a": ext(EXT_SCALAR, payload)})])
+        unpack([header({"a": msgpack.ExtType(EXT_SCALAR, payload)})])
 
 
 @pytest.mark.parametrize(
