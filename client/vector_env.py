@@ -48,11 +48,14 @@ from envfarm.protocol.errors import ErrorInfo
 from envfarm.server import RequestHandler
 
 DEFAULT_CLOSE_TIMEOUT = 5.0
-# Busy-wait budgets on the shared-memory channel before sleeping on a futex. Measured on 2 cores,
-# CartPole, 16 envs, 2 workers, median of 5 interleaved runs, ratio to SyncVectorEnv: no spin 0.37,
-# workers only 0.38, both 100 us 0.63, both 300 us 0.57 (docs/benchmarks.md).
-WORKER_SPIN_SECONDS = 100e-6
-TRAINER_SPIN_SECONDS = 100e-6
+# Busy-wait budgets on the shared-memory channel before sleeping on a futex: on the 2-core VM this
+# was tuned on, waking a sleeping process costs 40-90 us, more than a cheap env's whole step. A
+# worker spins for the trainer's next request (its post-processing, or its own inline envs), the
+# trainer for the workers' replies. Median ratios to SyncVectorEnv of 3 interleaved runs
+# (docs/benchmarks.md, "Spin budgets"): CartPole x16 0.50 -> 0.67, HalfCheetah x8 0.44 -> 0.59 when
+# the worker budget goes from 100 us to 1 ms.
+WORKER_SPIN_SECONDS = 1e-3
+TRAINER_SPIN_SECONDS = 200e-6
 DEFAULT_STARTUP_TIMEOUT = 120.0
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
 

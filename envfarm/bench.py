@@ -52,7 +52,7 @@ class EnvCase:
 
 @dataclasses.dataclass
 class BenchConfig:
-    envs: tuple[str, ...] = ("cartpole", "halfcheetah", "pong", "synthetic")
+    envs: tuple[str, ...] = ("cartpole", "halfcheetah", "pong", "synthetic", "tail")
     num_envs: tuple[int, ...] = (8, 16, 32, 64)
     backends: tuple[str, ...] = BACKENDS
     repeats: int = 3
@@ -83,6 +83,8 @@ def env_cases(config: BenchConfig) -> dict[str, EnvCase]:
         EnvCase("halfcheetah", "HalfCheetah-v5", {}, ("mujoco",), "HalfCheetah-v5"),
         EnvCase("pong", "ALE/Pong-v5", {}, ("ale_py",), "Pong-v5", pong_like_ale),
         EnvCase("synthetic", SYNTHETIC_ID, synthetic),
+        # Heavy-tailed step times (one step in ten costs 20x), where recv() should not wait for the slowest.
+        EnvCase("tail", SYNTHETIC_ID, {"step_cost_us": 200.0, "obs_shape": (16,), "slow_step_probability": 0.1, "slow_step_factor": 20.0}),
     ]
     return {case.key: case for case in cases}
 
@@ -437,7 +439,7 @@ def command_line(config: BenchConfig) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `envfarm bench` options; unset ones take the defaults of the full or the --quick config."""
-    parser.add_argument("--envs", type=_names, help="comma-separated: cartpole,halfcheetah,pong,synthetic")
+    parser.add_argument("--envs", type=_names, help="comma-separated: cartpole,halfcheetah,pong,synthetic,tail")
     parser.add_argument("--num-envs", type=_ints, help="comma-separated, default 8,16,32,64")
     parser.add_argument("--backends", type=_names, help=f"comma-separated, default {','.join(BACKENDS)}")
     parser.add_argument("--repeats", type=int, help="interleaved rounds over everything (default 3)")

@@ -22,12 +22,24 @@ class SyntheticEnv(gym.Env):
         step_cost_us: CPU time each step spends, busy-waiting.
         obs_shape: Shape of the uint8 Box observation, e.g. (84, 84, 3).
         episode_length: Steps until the episode is truncated.
+        slow_step_probability: Chance that a step costs `slow_step_factor` times more (a heavy
+            tail, as physics solvers and renderers have), drawn from the env's own RNG.
+        slow_step_factor: How much more a slow step costs.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, step_cost_us: float = 1000.0, obs_shape: tuple[int, ...] = (84, 84, 3), episode_length: int = 1000):
+    def __init__(
+        self,
+        step_cost_us: float = 1000.0,
+        obs_shape: tuple[int, ...] = (84, 84, 3),
+        episode_length: int = 1000,
+        slow_step_probability: float = 0.0,
+        slow_step_factor: float = 10.0,
+    ):
         self.step_cost_ns = int(step_cost_us * 1000)
+        self.slow_step_probability = slow_step_probability
+        self.slow_step_factor = slow_step_factor
         self.obs_shape = tuple(obs_shape)
         self.episode_length = episode_length
         self.observation_space = gym.spaces.Box(0, 255, self.obs_shape, np.uint8)
@@ -42,7 +54,10 @@ class SyntheticEnv(gym.Env):
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         # Thread CPU time, not wall time: on a busy machine a wall-clock wait would cost less CPU
         # than asked whenever the process is descheduled, flattering whoever oversubscribes.
-        deadline = time.thread_time_ns() + self.step_cost_ns
+        cost = self.step_cost_ns
+        if self.slow_step_probability and self.np_random.random() < self.slow_step_probability:
+            cost = int(cost * self.slow_step_factor)
+        deadline = time.thread_time_ns() + cost
         while time.thread_time_ns() < deadline:
             pass
         self._t += 1
