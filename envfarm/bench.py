@@ -31,7 +31,7 @@ import numpy as np
 from gymnasium.vector.utils import batch_space
 
 import envfarm
-from envfarm.bench_envs import SYNTHETIC_ID
+from envfarm.bench_envs import HEAVY_TAIL_ID, SYNTHETIC_ID
 
 BACKENDS = ("sync", "async", "envpool", "envfarm", "envfarm-wire", "envfarm-inline", "envfarm-async")
 INSTALL_HINT = "pip install 'envfarm[bench]'"
@@ -83,8 +83,7 @@ def env_cases(config: BenchConfig) -> dict[str, EnvCase]:
         EnvCase("halfcheetah", "HalfCheetah-v5", {}, ("mujoco",), "HalfCheetah-v5"),
         EnvCase("pong", "ALE/Pong-v5", {}, ("ale_py",), "Pong-v5", pong_like_ale),
         EnvCase("synthetic", SYNTHETIC_ID, synthetic),
-        # Heavy-tailed step times (one step in ten costs 20x), where recv() should not wait for the slowest.
-        EnvCase("tail", SYNTHETIC_ID, {"step_cost_us": 200.0, "obs_shape": (16,), "slow_step_probability": 0.1, "slow_step_factor": 20.0}),
+        EnvCase("tail", HEAVY_TAIL_ID, {}),
     ]
     return {case.key: case for case in cases}
 

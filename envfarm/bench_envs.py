@@ -12,6 +12,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+HEAVY_TAIL_ID = "envfarm/HeavyTail-v0"
 SYNTHETIC_ID = "envfarm/Synthetic-v0"
 
 
@@ -68,3 +69,10 @@ class SyntheticEnv(gym.Env):
 
 if SYNTHETIC_ID not in gym.registry:
     gym.register(SYNTHETIC_ID, entry_point="envfarm.bench_envs:SyntheticEnv")
+if HEAVY_TAIL_ID not in gym.registry:
+    # Steps of 200 us of CPU, one in ten 20x longer, small observations: where recv() should not wait for the slowest.
+    gym.register(
+        HEAVY_TAIL_ID,
+        entry_point="envfarm.bench_envs:SyntheticEnv",
+        kwargs={"step_cost_us": 200.0, "obs_shape": (16,), "slow_step_probability": 0.1, "slow_step_factor": 20.0},
+    )
