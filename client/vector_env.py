@@ -51,9 +51,9 @@ DEFAULT_CLOSE_TIMEOUT = 5.0
 # Busy-wait budgets on the shared-memory channel before sleeping on a futex: on the 2-core VM this
 # was tuned on, waking a sleeping process costs 40-90 us, more than a cheap env's whole step. A
 # worker spins for the trainer's next request (its post-processing, or its own inline envs), the
-# trainer for the workers' replies. Median ratios to SyncVectorEnv of 3 interleaved runs
-# (docs/benchmarks.md, "Spin budgets"): CartPole x16 0.50 -> 0.67, HalfCheetah x8 0.44 -> 0.59 when
-# the worker budget goes from 100 us to 1 ms.
+# trainer for the workers' replies. `python3 docs/measure/spin.py` (medians of 3 interleaved runs,
+# ratio to SyncVectorEnv): worker budget 100 us -> 1 ms took CartPole x16 from 0.63 to 0.72 and
+# HalfCheetah x8 from 0.48 to 0.84.
 WORKER_SPIN_SECONDS = 1e-3
 TRAINER_SPIN_SECONDS = 200e-6
 DEFAULT_STARTUP_TIMEOUT = 120.0
@@ -201,9 +201,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         block = max(len(worker.env_ids) for worker in self._workers)
         _, obs_bytes = space_codec.shm_layout(self.single_observation_space, block)
         _, action_bytes = space_codec.shm_layout(self.single_action_space, block)
-        spin = TRAINER_SPIN_SECONDS
         capacities = (64 << 10) + 2 * action_bytes, (1 << 20) + 2 * obs_bytes
-        channels = TrainerChannels(Segment(TrainerChannels.size(self.num_workers, *capacities)), self.num_workers, *capacities, spin)
+        segment = Segment(TrainerChannels.size(self.num_workers, *capacities))
+        channels = TrainerChannels(segment, self.num_workers, *capacities, TRAINER_SPIN_SECONDS)
         self._segments.append(channels)
         return channels
 

@@ -1,7 +1,7 @@
 """Round trip of a tiny message between two processes: ZeroMQ (ipc), a raw pipe, a futex on shared
 memory with and without spinning. Why envfarm's same-host channel exists (docs/benchmarks.md).
 
-    python3 docs/measure/signal.py
+    python3 docs/measure/wakeup_rtt.py
 """
 
 import ctypes
