@@ -56,12 +56,16 @@ def make_vec(
     env_kwargs = dict(env_kwargs or {})
     wrappers = list(wrappers or [])
     maker = _EnvMaker(spec, env_kwargs, wrappers)
+    if vector_kwargs.get("broker") is not None:
+        if wrappers:
+            raise ValueError("farm workers take no code: wrappers cannot be sent to them; wrap the vector env instead")
+        vector_kwargs["remote_env"] = {"env_id": spec.id, "kwargs": env_kwargs}
     envs = FarmVectorEnv([maker] * num_envs, **vector_kwargs)
 
     vector_spec = copy.deepcopy(spec)
     vector_spec.kwargs = {**spec.kwargs, **env_kwargs, "num_envs": num_envs, "vectorization_mode": "envfarm"}
     if vector_kwargs:
-        vector_spec.kwargs["vector_kwargs"] = vector_kwargs
+        vector_spec.kwargs["vector_kwargs"] = {k: v for k, v in vector_kwargs.items() if k != "remote_env"}
     if wrappers:
         vector_spec.kwargs["wrappers"] = wrappers
     envs.spec = vector_spec

@@ -9,6 +9,7 @@ a worker that dies is reported at once, by name, instead of being waited for.
 from __future__ import annotations
 
 import multiprocessing
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class WorkerHandle:
     hello: dict = field(default_factory=dict)
 
     def describe(self) -> str:
+        if not self.env_ids:
+            return f"the {self.host}"
         envs = f"env {self.env_ids[0]}" if len(self.env_ids) == 1 else f"envs {self.env_ids[0]}-{self.env_ids[-1]}"
         if self.inline is not None:
             return f"worker {self.index} (in the trainer, {envs})"
@@ -65,13 +68,22 @@ _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes w
 class Router:
     """Sends requests to workers by ownership and gathers their replies by request id."""
 
-    def __init__(self, endpoint: str, *, trusted: bool):
+    def __init__(self, endpoint: str, *, trusted: bool, broker: bool = False):
+        """A ROUTER bound at `endpoint` that workers connect to, or (broker=True) a DEALER connected
+        to a broker at `endpoint`, which forwards [worker, *message] both ways: the same framing."""
         self.trusted = trusted
         self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer must fail, not vanish
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(endpoint)
+        self.via_broker = broker
+        if broker:
+            self.socket = self.context.socket(zmq.DEALER)
+            self.socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
+            self.socket.setsockopt(zmq.LINGER, 0)
+            self.socket.connect(endpoint)
+        else:
+            self.socket = self.context.socket(zmq.ROUTER)
+            self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer must fail, not vanish
+            self.socket.setsockopt(zmq.LINGER, 0)
+            self.socket.bind(endpoint)
         self.endpoint = endpoint
         self.workers: dict[bytes, WorkerHandle] = {}
         self.poller = zmq.Poller()
@@ -234,5 +246,11 @@ class Router:
             raise self._died(worker)
 
     def close(self) -> None:
+        if self.via_broker:  # best effort: give the lease back even if the trainer never said close()
+            try:
+                self.socket.send_multipart([b"", *pack(m.make(m.RELEASE, self.new_rid()))], zmq.NOBLOCK)
+                self.socket.close(linger=500)
+            except zmq.ZMQError:
+                pass
         self.socket.close(linger=0)
         self.context.term()

@@ -89,6 +89,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         inline_worker: Serve the last worker's block of envs in this process, stepped while
             the other workers step theirs. Faster for cheap envs when every CPU has a worker, but
             those envs share the trainer's fate: a crash or hang there is the trainer's.
+        broker: A farm broker's endpoint (e.g. "tcp://head:5555"): lease workers there instead of
+            starting local ones. Use `envfarm.make_vec(..., broker=...)`, which sets `remote_env`.
+        remote_env: {"env_id", "kwargs"}: how farm workers build the envs (they take no code).
         startup_timeout: Seconds to wait for the workers to start and build their envs.
 
     Raises:
@@ -113,6 +116,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         batch_size: int | None = None,
         inline_worker: bool = False,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+        broker: str | None = None,
+        remote_env: dict[str, Any] | None = None,
     ) -> None:
         if worker is not None:
             raise ValueError("FarmVectorEnv runs envfarm's own worker; a custom `worker` function is not supported")
@@ -129,16 +134,24 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self.max_concurrency = max_concurrency
         self.num_workers = _worker_count(self.num_envs, num_workers, envs_per_worker, max_concurrency)
         self.inline_worker = inline_worker
+        self.broker = broker
+        if broker is not None and (remote_env is None or inline_worker):
+            raise ValueError("a farm (broker=...) builds registered envs by id: use envfarm.make_vec(env_id, n, broker=...), without inline_worker")
+        self._remote_env = remote_env
 
         self._state = AsyncState.DEFAULT
         self._pending: tuple[int, list[WorkerHandle]] | None = None
         self._failure: FarmError | None = None
-        self._router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
+        if broker is None:
+            self._router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
+        else:
+            self._router = Router(broker, trusted=False, broker=True)
+        self._broker = WorkerHandle(-1, b"", range(0), host="broker") if broker is not None else None
         self._workers: list[WorkerHandle] = []
         self._segments: list[BatchBuffer | TrainerChannels] = []
         self._release = weakref.finalize(self, _release, self._router, self._workers, self._segments)
         try:
-            self._start(partition(self.num_envs, self.num_workers), startup_timeout)
+            self._start(startup_timeout)
         except BaseException:
             self._release()
             raise
@@ -148,21 +161,26 @@ class FarmVectorEnv(SendRecv, VectorEnv):
 
     # ----------------------------------------------------------------- start-up
 
-    def _start(self, blocks: list[range], timeout: float) -> None:
-        remote_blocks = blocks[:-1] if self.inline_worker else blocks
-        self._workers.extend(start_local_workers(self._router.endpoint, remote_blocks, self.context, self.daemon))
-        if self.inline_worker:
-            self._workers.append(WorkerHandle(len(remote_blocks), b"", blocks[-1], inline=RequestHandler(trusted=True)))
-        for worker in self._workers:
-            self._router.add(worker)
-        self._router.gather(0, [w for w in self._workers if w.inline is None], timeout)  # each says HELLO with rid 0
+    def _start(self, timeout: float) -> None:
+        if self._broker is not None:
+            self._lease(timeout)
+        else:
+            blocks = partition(self.num_envs, self.num_workers)
+            remote_blocks = blocks[:-1] if self.inline_worker else blocks
+            self._workers.extend(start_local_workers(self._router.endpoint, remote_blocks, self.context, self.daemon))
+            if self.inline_worker:
+                self._workers.append(WorkerHandle(len(remote_blocks), b"", blocks[-1], inline=RequestHandler(trusted=True)))
+            for worker in self._workers:
+                self._router.add(worker)
+            self._router.gather(0, [w for w in self._workers if w.inline is None], timeout)  # each says HELLO with rid 0
 
         rid = self._router.new_rid()
         for worker in self._workers:
-            env_fns = cloudpickle.dumps(self.env_fns[worker.env_ids.start : worker.env_ids.stop])
-            self._router.send(
-                worker, m.make(m.CREATE, rid, envs=list(worker.env_ids), source={"env_fns": env_fns}, autoreset_mode=self.autoreset_mode.value)
-            )
+            if self._remote_env is not None:
+                source = self._remote_env
+            else:
+                source = {"env_fns": cloudpickle.dumps(self.env_fns[worker.env_ids.start : worker.env_ids.stop])}
+            self._router.send(worker, m.make(m.CREATE, rid, envs=list(worker.env_ids), source=source, autoreset_mode=self.autoreset_mode.value))
         created = self._replies(self._router.gather(rid, self._workers, timeout))
         self._raise_errors(created)
         obs_spaces, action_spaces = [], []
@@ -193,6 +211,23 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 logger.warn(f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket")
         if channels is not None:
             self._router.use_channels(channels)
+
+    def _lease(self, timeout: float) -> None:
+        """Leases workers from the broker and gives each a contiguous block of envs, up to its slots."""
+        self._router.add(self._broker)
+        rid = self._router.new_rid()
+        self._router.send(self._broker, m.make(m.LEASE, rid, envs=self.num_envs))
+        reply = self._router.gather(rid, [self._broker], timeout)[self._broker]
+        self._raise_errors([(self._broker, reply)])
+        start = 0
+        for identity, slots, host, pid in reply["workers"]:
+            block = range(start, min(start + slots, self.num_envs))
+            if block:
+                worker = WorkerHandle(len(self._workers), identity, block, pid=pid, host=host)
+                self._workers.append(worker)
+                self._router.add(worker)
+            start = block.stop
+        self.num_workers = len(self._workers)
 
     def _make_channels(self) -> TrainerChannels | None:
         """Shared-memory mailboxes for the local workers, sized for this env's messages."""
@@ -484,6 +519,11 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             logger.warn(f"Calling `close` while waiting for a pending call to `{self._state.value}` to complete.")
             rid, targets = self._pending
             self._router.gather(rid, targets, timeout)
+        if self._broker is not None:  # the broker tells the workers to close their envs
+            rid = self._router.new_rid()
+            self._router.send(self._broker, m.make(m.RELEASE, rid))
+            self._router.gather(rid, [self._broker], timeout)
+            return
         rid = self._router.new_rid()
         for worker in self._workers:
             self._router.send(worker, m.make(m.CLOSE, rid))

@@ -221,8 +221,11 @@ class WorkerEnd:
             futex_wake(self.doorbell)
         return fits
 
-    def wait(self) -> int:
-        """Waits for a new request (spinning a little first, then sleeping); returns its seq."""
+    def wait(self) -> int | None:
+        """Waits for a new request, spinning a little first, then sleeping at most one short slice.
+
+        Returns its seq, or None if none came (so the caller can look at its socket too).
+        """
         word = self.requests.seq
         deadline = time.perf_counter() + self.spin_seconds
         while True:
@@ -235,5 +238,7 @@ class WorkerEnd:
                 if word.value == seq:
                     futex_wait(word, seq, _SLEEP_SLICE)
                 self.requests.asleep.value = 0
+                if word.value == seq:
+                    return None
             else:
                 os.sched_yield()

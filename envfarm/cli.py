@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context", choices=["fork", "spawn", "forkserver"], default=None)
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    broker = commands.add_parser("broker", help="run a farm broker that leases workers to trainers")
+    broker.add_argument("--bind", default="tcp://0.0.0.0:5555", help="endpoint for workers and trainers (default tcp://0.0.0.0:5555)")
+
+    worker = commands.add_parser("worker", help="run a farm worker that serves a broker's trainers")
+    worker.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
+    worker.add_argument("--slots", type=int, default=8, help="envs this worker hosts at most (default 8)")
+
     from envfarm.bench import add_arguments as add_bench_arguments
 
     bench = commands.add_parser("bench", help="compare envfarm with SyncVectorEnv, AsyncVectorEnv and EnvPool")
@@ -58,6 +65,27 @@ def main(argv: list[str] | None = None) -> int:
             print("\nenvfarm run: interrupted", file=sys.stderr)
             return 130
         print(format_summary(summary, args.json))
+        return 0
+    if args.command == "broker":
+        from envfarm.server.broker import Broker
+
+        broker = Broker(args.bind)
+        print(f"envfarm broker on {broker.endpoint}", file=sys.stderr, flush=True)
+        try:
+            broker.serve()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.command == "worker":
+        from envfarm.server.worker import run_farm_worker
+
+        if args.slots < 1:
+            print("envfarm worker: --slots must be at least 1", file=sys.stderr)
+            return 2
+        try:
+            run_farm_worker(args.broker, args.slots)
+        except KeyboardInterrupt:
+            pass
         return 0
     if args.command == "bench":
         from envfarm.bench import main as bench_main

@@ -14,6 +14,13 @@ request, so a late reply to an abandoned request is recognised and dropped. The 
     either  -> HEARTBEAT {}
     worker  -> ERROR   {error}                              the request as a whole failed
 
+In farm mode a broker stands between them and leases workers to trainers:
+
+    trainer -> LEASE   {envs}                               -> LEASED {workers: [[identity, slots, host, pid], ...]}
+    trainer -> RELEASE {}                                   -> RESULT {}
+
+A worker's HELLO then carries `slots`, how many envs it hosts at most.
+
 "envs" are global env indices; per-env errors travel as [[env index, error data], ...], so one
 failing env never hides the results of the others. The field types are checked by `check`.
 """
@@ -25,6 +32,7 @@ from typing import Any
 from envfarm.protocol.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
+WORKER_PREFIX, TRAINER_PREFIX = b"W", b"T"
 
 HELLO = "hello"
 CREATE = "create"
@@ -39,6 +47,9 @@ CLOSE = "close"
 RESULT = "result"
 HEARTBEAT = "heartbeat"
 ERROR = "error"
+LEASE = "lease"
+LEASED = "leased"
+RELEASE = "release"
 
 _list = (list, tuple)
 _opt_dict = (dict, type(None))
@@ -56,6 +67,9 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     RESULT: {"errors": _list},
     HEARTBEAT: {},
     ERROR: {"error": dict},
+    LEASE: {"envs": int},
+    LEASED: {"workers": _list},
+    RELEASE: {},
 }
 
 

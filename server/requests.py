@@ -73,7 +73,10 @@ class RequestHandler:
             env_fns = cloudpickle.loads(source["env_fns"])
             envs = [env_fn() for env_fn in env_fns]
         else:
-            envs = [gym.make(source["env_id"], **source.get("kwargs", {})) for _ in message["envs"]]
+            env_id = source.get("env_id")
+            if not isinstance(env_id, str) or (":" in env_id and not self.trusted):
+                raise ProtocolError(f"refused env id {env_id!r:.80}: 'module:Env' ids import code, which needs a trusted link")
+            envs = [gym.make(env_id, **source.get("kwargs", {})) for _ in message["envs"]]
         if len(envs) != len(message["envs"]):
             raise ProtocolError(f"CREATE names {len(message['envs'])} envs but brings {len(envs)} env_fns")
         self.envs = HostedEnvs(envs, message["envs"], AutoresetMode(message["autoreset_mode"]))

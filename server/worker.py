@@ -37,6 +37,11 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def run_farm_worker(broker: str, slots: int) -> None:
+    """Entry point of `envfarm worker`: serves leases from the broker until killed."""
+    Worker(broker, m.WORKER_PREFIX + os.urandom(15), trusted=False, slots=slots).serve()
+
+
 def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
     """Entry point of a worker process started by a trainer on this host (a trusted link)."""
     # Ctrl-C reaches the whole process group; the trainer alone should see it, once.
@@ -48,8 +53,11 @@ def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
 class Worker:
     """Serves the requests that arrive on one DEALER socket (or the channel it attached) until CLOSE."""
 
-    def __init__(self, endpoint: str, identity: bytes, *, trusted: bool):
+    def __init__(self, endpoint: str, identity: bytes, *, trusted: bool, slots: int | None = None):
+        """`slots` makes this a farm worker: it registers with a broker, and CLOSE ends a lease
+        (its envs are closed and it waits for the next trainer) rather than the process."""
         self.trusted = trusted
+        self.slots = slots
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, identity)
@@ -67,10 +75,14 @@ class Worker:
             self.socket.send_multipart(frames, copy=False)
 
     def receive(self) -> dict[str, Any] | None:
-        """The next request; None if the trainer replaced it while it was being read."""
+        """The next request; None if none came yet, or the trainer replaced it while it was being read."""
         if self.channel is None:
             return unpack([f.buffer for f in self.socket.recv_multipart(copy=False)], allow_pickle=self.trusted)
         seq = self.channel.wait()
+        if seq is None:  # nothing in the mailbox: a broker may be talking on the socket
+            if not self.socket.poll(0):
+                return None
+            return unpack([f.buffer for f in self.socket.recv_multipart(copy=False)], allow_pickle=self.trusted)
         frames = self.channel.requests.read()
         if frames is None:  # too large for the slot: it came on the socket
             return unpack([f.buffer for f in self.socket.recv_multipart(copy=False)], allow_pickle=self.trusted)
@@ -83,7 +95,10 @@ class Worker:
         return message if self.channel.requests.seq.value == seq else None
 
     def serve(self) -> None:
-        self.send(m.make(m.HELLO, 0, version=m.PROTOCOL_VERSION, pid=os.getpid(), host=socket.gethostname()))
+        hello = m.make(m.HELLO, 0, version=m.PROTOCOL_VERSION, pid=os.getpid(), host=socket.gethostname())
+        if self.slots is not None:
+            hello["slots"] = self.slots
+        self.send(hello)
         try:
             while True:
                 try:
@@ -95,7 +110,9 @@ class Worker:
                     continue
                 self.send(self.requests.respond(message))
                 if message.get("kind") == m.CLOSE:
-                    return
+                    if self.slots is None:
+                        return
+                    self.requests, self.channel = RequestHandler(trusted=self.trusted), None
                 if self.channel is None and self.requests.channel is not None:
                     self.channel = self.requests.channel  # ATTACHED went on the socket; the rest goes here
         finally:

@@ -1,0 +1,135 @@
+"""The standalone broker: one ROUTER socket that leases workers to trainers and forwards between them.
+
+    envfarm broker --bind tcp://0.0.0.0:5555
+    envfarm worker --broker tcp://HEAD:5555 --slots 8
+    envs = envfarm.make_vec("CartPole-v1", 16, broker="tcp://HEAD:5555")
+
+Peers say what they are with their routing identity: a worker's starts with b"W", a trainer's with
+b"T". A worker registers with HELLO and its slot count. A trainer sends [target, *message]: an
+empty target addresses the broker (LEASE n envs' worth of workers, RELEASE them), any other target
+is one of the workers it leased, to which the message is forwarded untouched; the worker's replies
+go back to its lessee as [worker, *message]. The broker decodes only its own control messages and
+HELLO, never with pickles. A trainer's workers are released when it asks or leases anew; released workers are told to
+close their envs. (Not yet: heartbeats, releasing the workers of a trainer that vanished.)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from envfarm.protocol import messages as m
+from envfarm.protocol.errors import ErrorInfo, ProtocolError
+from envfarm.protocol.packing import pack, unpack
+
+MAX_MESSAGE_BYTES = 256 << 20  # a socket facing the network refuses larger frames
+
+
+@dataclass
+class RegisteredWorker:
+    identity: bytes
+    slots: int
+    host: str
+    pid: int
+    lessee: bytes | None = None
+
+
+class Broker:
+    """Serves one ROUTER socket until `stop()`."""
+
+    def __init__(self, bind: str):
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a worker that reconnects keeps its identity
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.socket.bind(bind)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.workers: dict[bytes, RegisteredWorker] = {}
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.socket.poll(100):
+                    continue
+                identity, *frames = self.socket.recv_multipart(copy=False)
+                sender = identity.bytes
+                if sender.startswith(m.WORKER_PREFIX):
+                    self._from_worker(sender, frames)
+                elif sender.startswith(m.TRAINER_PREFIX) and frames:
+                    self._from_trainer(sender, frames[0].bytes, frames[1:])
+        finally:
+            self.socket.close(linger=0)
+            self.context.term()
+
+    def _send(self, frames: list[Any]) -> None:
+        try:
+            self.socket.send_multipart(frames, copy=False)
+        except zmq.ZMQError as e:  # the peer is gone: nothing to deliver to
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+
+    def _from_worker(self, worker: bytes, frames: list[zmq.Frame]) -> None:
+        record = self.workers.get(worker)
+        if record is None or record.lessee is None:
+            try:
+                hello = m.check(unpack([f.buffer for f in frames]))
+            except ProtocolError:
+                return
+            if hello["kind"] == m.HELLO:
+                slots = hello.get("slots", 1)
+                self.workers[worker] = RegisteredWorker(worker, slots if type(slots) is int and slots > 0 else 1, hello["host"], hello["pid"])
+            return
+        self._send([record.lessee, worker, *frames])
+
+    def _from_trainer(self, trainer: bytes, target: bytes, frames: list[zmq.Frame]) -> None:
+        if target:
+            record = self.workers.get(target)
+            if record is not None and record.lessee == trainer:
+                self._send([target, *frames])
+            return
+        rid = 0
+        try:
+            message = m.check(unpack([f.buffer for f in frames]))
+            rid = message["rid"]
+            reply = self._control(trainer, message)
+        except Exception as exc:
+            reply = m.make(m.ERROR, rid, error=ErrorInfo.from_exception(exc).to_data())
+        self._send([trainer, b"", *pack(reply)])
+
+    def _control(self, trainer: bytes, message: dict[str, Any]) -> dict[str, Any]:
+        kind, rid = message["kind"], message["rid"]
+        if kind == m.LEASE:
+            self._release(trainer)  # a trainer holds one lease at a time
+            wanted, leased = message["envs"], []
+            for record in self.workers.values():
+                if wanted <= 0:
+                    break
+                if record.lessee is None:
+                    record.lessee = trainer
+                    leased.append(record)
+                    wanted -= record.slots
+            if wanted > 0:
+                self._release(trainer)
+                free = sum(r.slots for r in self.workers.values() if r.lessee is None)
+                raise RuntimeError(f"the farm has {free} free slots, {message['envs']} were asked for")
+            return m.make(m.LEASED, rid, workers=[[r.identity, r.slots, r.host, r.pid] for r in leased])
+        if kind == m.RELEASE:
+            self._release(trainer)
+            return m.make(m.RESULT, rid, errors=[])
+        raise ProtocolError(f"the broker does not serve {kind} messages")
+
+    def _release(self, trainer: bytes) -> None:
+        """Frees the trainer's workers; each is told to close its envs and wait for the next lease."""
+        for record in self.workers.values():
+            if record.lessee == trainer:
+                record.lessee = None
+                self._send([record.identity, *pack(m.make(m.CLOSE, 0))])

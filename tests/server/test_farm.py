@@ -1,0 +1,115 @@
+"""A farm on loopback: a broker, worker processes that register with it, and trainers that lease them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import zmq
+from compare import assert_same
+
+import envfarm
+from envfarm.protocol import messages as m
+from envfarm.protocol.packing import pack, unpack
+from envfarm.server.broker import Broker
+
+
+@pytest.fixture
+def farm():
+    """A broker in a thread and three 4-slot workers, all on 127.0.0.1; torn down afterwards."""
+    broker = Broker("tcp://127.0.0.1:0")
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "4"], stderr=subprocess.DEVNULL)
+        for _ in range(3)
+    ]
+    deadline = time.monotonic() + 30
+    while len(broker.workers) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(broker.workers) == 3, "workers did not register"
+    yield broker
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+    broker.stop()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "wire"])
+def test_a_farm_trainer_matches_sync(farm, shared_memory):
+    envs = envfarm.make_vec("CartPole-v1", 6, broker=farm.endpoint, shared_memory=shared_memory)
+    sync = gym.make_vec("CartPole-v1", 6, vectorization_mode="sync")
+    try:
+        assert envs.num_workers == 2 and all(w.shared_memory == shared_memory for w in envs._workers)
+        assert_same(sync.reset(seed=5), envs.reset(seed=5))
+        for actions in np.random.default_rng(0).integers(0, 2, (150, 6)):
+            assert_same(sync.step(actions), envs.step(actions))
+    finally:
+        envs.close()
+        sync.close()
+
+
+def test_two_trainers_share_the_farm_and_leases_come_back(farm):
+    first = envfarm.make_vec("CartPole-v1", 8, broker=farm.endpoint)
+    second = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
+    try:
+        assert {w.identity for w in first._workers}.isdisjoint(w.identity for w in second._workers)
+        with pytest.raises(RuntimeError, match="the farm has 0 free slots, 4 were asked for"):
+            envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint, startup_timeout=10)
+        first.reset(seed=0)
+        second.reset(seed=1)
+        first.step(first.action_space.sample())
+        second.step(second.action_space.sample())
+    finally:
+        first.close()
+        second.close()
+    again = envfarm.make_vec("CartPole-v1", 12, broker=farm.endpoint)  # every slot is free again
+    try:
+        again.reset(seed=0)
+        again.step(again.action_space.sample())
+    finally:
+        again.close()
+
+
+def test_farm_workers_take_no_code(farm):
+    with pytest.raises(ValueError, match="wrappers cannot be sent"):
+        envfarm.make_vec("CartPole-v1", 2, broker=farm.endpoint, wrappers=[gym.wrappers.RecordEpisodeStatistics])
+    with pytest.raises(Exception, match="'module:Env' ids import code"):
+        envfarm.make_vec(gym.envs.registration.EnvSpec("os:Nothing-v0", entry_point="os:getcwd"), 2, broker=farm.endpoint)
+    envs = envfarm.make_vec("CartPole-v1", 2, broker=farm.endpoint)  # the farm still serves
+    envs.close()
+
+
+def test_malformed_frames_do_not_hurt_the_broker(farm):
+    context = zmq.Context()
+    try:
+        for identity in (b"W-hostile", b"T-hostile", b"X-stranger"):
+            peer = context.socket(zmq.DEALER)
+            peer.setsockopt(zmq.IDENTITY, identity)
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.connect(farm.endpoint)
+            for frames in ([b"\xc1garbage"], [b"", b"\x81\xa1x" + b"\x91" * 5000], [b"", b"\xff" * 64, b"\x00"], [os.urandom(32)]):
+                peer.send_multipart(frames)
+            peer.close()
+        trainer = context.socket(zmq.DEALER)
+        trainer.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + b"probe")
+        trainer.setsockopt(zmq.LINGER, 0)
+        trainer.connect(farm.endpoint)
+        trainer.send_multipart([b"", b"\x93\x01\x02\x03"])  # a header that is not a map
+        assert trainer.poll(5000)
+        delimiter, *reply = trainer.recv_multipart()
+        assert delimiter == b"" and unpack(reply)["kind"] == m.ERROR
+        trainer.close()
+    finally:
+        context.term()
+    envs = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
+    envs.reset(seed=0)
+    envs.close()
