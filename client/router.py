@@ -78,6 +78,8 @@ class Router:
             self.socket = self.context.socket(zmq.DEALER)
             self.socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
             self.socket.setsockopt(zmq.LINGER, 0)
+            self.socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
+            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
             self.socket.connect(endpoint)
         else:
             self.socket = self.context.socket(zmq.ROUTER)
@@ -223,6 +225,11 @@ class Router:
             m.check(message)
         except ProtocolError as e:
             self._malformed(worker, e, pending)
+            return
+        if message["kind"] == m.LOST and worker.inline is None and worker.process is None:
+            worker.dead = f"{message['reason']} (the broker says)"
+            if worker in pending:
+                raise self._died(worker)
             return
         if pending.get(worker) != message["rid"]:
             self.stale_replies += 1

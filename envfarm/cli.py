@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = commands.add_parser("broker", help="run a farm broker that leases workers to trainers")
     broker.add_argument("--bind", default="tcp://0.0.0.0:5555", help="endpoint for workers and trainers (default tcp://0.0.0.0:5555)")
+    broker.add_argument("--dead-after", type=float, default=5.0, help="seconds of silence after which a worker is lost (default 5)")
 
     worker = commands.add_parser("worker", help="run a farm worker that serves a broker's trainers")
     worker.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
@@ -69,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "broker":
         from envfarm.server.broker import Broker
 
-        broker = Broker(args.bind)
+        try:
+            broker = Broker(args.bind, dead_after=args.dead_after)
+        except ValueError as e:
+            print(f"envfarm broker: {e}", file=sys.stderr)
+            return 2
         print(f"envfarm broker on {broker.endpoint}", file=sys.stderr, flush=True)
         try:
             broker.serve()

@@ -33,6 +33,8 @@ from envfarm.protocol.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 WORKER_PREFIX, TRAINER_PREFIX = b"W", b"T"
+HEARTBEAT_FRAME = b""
+HEARTBEAT_INTERVAL = 1.0
 
 HELLO = "hello"
 CREATE = "create"
@@ -50,6 +52,7 @@ ERROR = "error"
 LEASE = "lease"
 LEASED = "leased"
 RELEASE = "release"
+LOST = "lost"
 
 _list = (list, tuple)
 _opt_dict = (dict, type(None))
@@ -70,6 +73,7 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     LEASE: {"envs": int},
     LEASED: {"workers": _list},
     RELEASE: {},
+    LOST: {"reason": str},
 }
 
 

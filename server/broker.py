@@ -16,7 +16,8 @@ close their envs. (Not yet: heartbeats, releasing the workers of a trainer that 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -35,18 +36,32 @@ class RegisteredWorker:
     host: str
     pid: int
     lessee: bytes | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+def set_tcp_heartbeats(socket: zmq.Socket) -> None:
+    """ZMTP heartbeats: a dead host or a half-open TCP connection is noticed and reconnected."""
+    socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+    socket.setsockopt(zmq.HEARTBEAT_TTL, 3000)
 
 
 class Broker:
     """Serves one ROUTER socket until `stop()`."""
 
-    def __init__(self, bind: str):
+    def __init__(self, bind: str, dead_after: float = 5.0):
+        """`dead_after`: a worker silent this long (no heartbeat, no reply: dead, frozen, cut off,
+        or stuck in one request) is declared lost, and its lessee told at once."""
+        if dead_after <= 2 * m.HEARTBEAT_INTERVAL:
+            raise ValueError(f"dead_after must exceed two heartbeat intervals ({2 * m.HEARTBEAT_INTERVAL} s), got {dead_after}")
+        self.dead_after = dead_after
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a worker that reconnects keeps its identity
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        set_tcp_heartbeats(self.socket)
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[bytes, RegisteredWorker] = {}
@@ -58,6 +73,7 @@ class Broker:
     def serve(self) -> None:
         try:
             while not self._stop.is_set():
+                self._declare_lost(time.monotonic() - self.dead_after)
                 if not self.socket.poll(100):
                     continue
                 identity, *frames = self.socket.recv_multipart(copy=False)
@@ -77,14 +93,27 @@ class Broker:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
 
+    def _declare_lost(self, silent_since: float) -> None:
+        for record in [r for r in self.workers.values() if r.last_seen < silent_since]:
+            del self.workers[record.identity]
+            if record.lessee is not None:
+                reason = f"was silent for more than {self.dead_after:g} s (killed, frozen, cut off, or stuck in one request)"
+                self._send([record.lessee, record.identity, *pack(m.make(m.LOST, 0, reason=reason))])
+
     def _from_worker(self, worker: bytes, frames: list[zmq.Frame]) -> None:
         record = self.workers.get(worker)
+        if record is not None:
+            record.last_seen = time.monotonic()
+        if len(frames) == 1 and frames[0].bytes == m.HEARTBEAT_FRAME:
+            if record is None:  # a worker this broker does not know: reset it, so that it registers
+                self._send([worker, *pack(m.make(m.CLOSE, 0))])
+            return
         if record is None or record.lessee is None:
             try:
                 hello = m.check(unpack([f.buffer for f in frames]))
             except ProtocolError:
                 return
-            if hello["kind"] == m.HELLO:
+            if hello["kind"] == m.HELLO and record is None:
                 slots = hello.get("slots", 1)
                 self.workers[worker] = RegisteredWorker(worker, slots if type(slots) is int and slots > 0 else 1, hello["host"], hello["pid"])
             return

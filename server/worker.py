@@ -13,6 +13,7 @@ import ctypes
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 import zmq
@@ -21,6 +22,7 @@ from envfarm import channel as shm_channel
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
+from envfarm.server.broker import set_tcp_heartbeats
 from envfarm.server.requests import RequestHandler
 
 _PR_SET_PDEATHSIG = 1
@@ -62,7 +64,10 @@ class Worker:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, identity)
         self.socket.setsockopt(zmq.LINGER, 1000)
+        if slots is not None:
+            set_tcp_heartbeats(self.socket)
         self.socket.connect(endpoint)
+        self.next_heartbeat = time.monotonic()
         self.requests = RequestHandler(trusted=trusted)
         self.channel: shm_channel.WorkerEnd | None = None
 
@@ -76,7 +81,12 @@ class Worker:
 
     def receive(self) -> dict[str, Any] | None:
         """The next request; None if none came yet, or the trainer replaced it while it was being read."""
+        if self.slots is not None and time.monotonic() >= self.next_heartbeat:  # a farm worker says it is alive
+            self.socket.send(m.HEARTBEAT_FRAME)
+            self.next_heartbeat = time.monotonic() + m.HEARTBEAT_INTERVAL
         if self.channel is None:
+            if self.slots is not None and not self.socket.poll(int(m.HEARTBEAT_INTERVAL * 1000)):
+                return None
             return unpack([f.buffer for f in self.socket.recv_multipart(copy=False)], allow_pickle=self.trusted)
         seq = self.channel.wait()
         if seq is None:  # nothing in the mailbox: a broker may be talking on the socket
@@ -99,6 +109,8 @@ class Worker:
         if self.slots is not None:
             hello["slots"] = self.slots
         self.send(hello)
+        # A farm worker whose lease ends (or that the broker does not know: a restarted broker, or
+        # one that declared it lost) is sent CLOSE, and registers again.
         try:
             while True:
                 try:
@@ -113,6 +125,7 @@ class Worker:
                     if self.slots is None:
                         return
                     self.requests, self.channel = RequestHandler(trusted=self.trusted), None
+                    self.send(hello)
                 if self.channel is None and self.requests.channel is not None:
                     self.channel = self.requests.channel  # ATTACHED went on the socket; the rest goes here
         finally:

@@ -113,3 +113,60 @@ def test_malformed_frames_do_not_hurt_the_broker(farm):
     envs = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
     envs.reset(seed=0)
     envs.close()
+
+
+@pytest.fixture
+def quick_farm():
+    """Like `farm`, with workers declared lost after 2.5 s of silence; yields (broker, worker processes)."""
+    broker = Broker("tcp://127.0.0.1:0", dead_after=2.5)
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2"], stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    deadline = time.monotonic() + 30
+    while len(broker.workers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield broker, workers
+    for worker in workers:
+        worker.send_signal(signal.SIGCONT)
+        worker.kill()
+        worker.wait(10)
+    broker.stop()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "freeze"])
+def test_a_lost_worker_is_reported_within_the_deadline(quick_farm, fault):
+    broker, processes = quick_farm
+    envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, shared_memory=False)
+    try:
+        envs.reset(seed=0)
+        victim = next(w for w in envs._workers if w.pid == processes[1].pid)
+        processes[1].send_signal(fault)
+        start = time.monotonic()
+        with pytest.raises(envfarm.WorkerDiedError, match=rf"worker {victim.index} \(.*pid {victim.pid}.*was silent for more than 2.5 s"):
+            while True:  # steps keep working until the broker declares the worker lost
+                envs.step(envs.action_space.sample())
+        assert time.monotonic() - start < 2.5 + 2 * 1.0 + 1.0
+    finally:
+        envs.close()
+
+
+def test_a_frozen_worker_that_comes_back_registers_again(quick_farm):
+    broker, processes = quick_farm
+    processes[0].send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while len(broker.workers) > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(broker.workers) == 1
+    processes[0].send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while len(broker.workers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(broker.workers) == 2
+    envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint)
+    envs.reset(seed=0)
+    envs.step(envs.action_space.sample())
+    envs.close()
