@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a farm worker that serves a broker's trainers")
     worker.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
     worker.add_argument("--slots", type=int, default=8, help="envs this worker hosts at most (default 8)")
+    worker.add_argument("--allow", default=None, help="comma-separated env id patterns it builds, e.g. 'CartPole-*,ALE/*' (default: Gymnasium's registered ids)")
 
     from envfarm.bench import add_arguments as add_bench_arguments
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print("envfarm worker: --slots must be at least 1", file=sys.stderr)
             return 2
         try:
-            run_farm_worker(args.broker, args.slots)
+            run_farm_worker(args.broker, args.slots, args.allow.split(",") if args.allow else None)
         except KeyboardInterrupt:
             pass
         return 0

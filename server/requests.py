@@ -7,7 +7,8 @@ reply: the worker reports it and goes on serving.
 
 from __future__ import annotations
 
-from typing import Any
+import fnmatch
+from typing import Any, Sequence
 
 import cloudpickle
 import gymnasium as gym
@@ -24,8 +25,11 @@ from envfarm.server.hosted_envs import HostedEnvs
 class RequestHandler:
     """Turns requests into replies for the envs of one worker."""
 
-    def __init__(self, *, trusted: bool):
+    def __init__(self, *, trusted: bool, allow: Sequence[str] | None = None):
+        """`allow`: shell-style patterns of the env ids this worker builds for an untrusted peer
+        (default: any id in Gymnasium's registry when the worker started)."""
         self.trusted = trusted
+        self.allow = list(allow) if allow is not None else None
         self.envs: HostedEnvs | None = None
         self.channel: shm_channel.WorkerEnd | None = None  # set by ATTACH when the channel probe succeeds
         self.segments: list = []  # mappings of the trainer's shared memory, kept open
@@ -74,8 +78,7 @@ class RequestHandler:
             envs = [env_fn() for env_fn in env_fns]
         else:
             env_id = source.get("env_id")
-            if not isinstance(env_id, str) or (":" in env_id and not self.trusted):
-                raise ProtocolError(f"refused env id {env_id!r:.80}: 'module:Env' ids import code, which needs a trusted link")
+            self._check_allowed(env_id)
             envs = [gym.make(env_id, **source.get("kwargs", {})) for _ in message["envs"]]
         if len(envs) != len(message["envs"]):
             raise ProtocolError(f"CREATE names {len(message['envs'])} envs but brings {len(envs)} env_fns")
@@ -85,6 +88,19 @@ class RequestHandler:
             "metadata": dict(envs[0].metadata),
             "render_mode": envs[0].render_mode,
         }
+
+    def _check_allowed(self, env_id: Any) -> None:
+        if not isinstance(env_id, str):
+            raise ProtocolError(f"an env id must be a string, got {env_id!r:.80}")
+        if self.trusted:
+            return
+        if ":" in env_id:
+            raise ProtocolError(f"refused env id {env_id!r:.80}: 'module:Env' ids import code, which needs a trusted link")
+        if self.allow is None:
+            if env_id not in gym.registry:
+                raise ProtocolError(f"env id {env_id!r:.80} is not registered on this worker")
+        elif not any(fnmatch.fnmatchcase(env_id, pattern) for pattern in self.allow):
+            raise ProtocolError(f"env id {env_id!r:.80} is not allowed on this worker (--allow {','.join(self.allow)})")
 
     def _space(self, space: gym.Space) -> Any:
         try:

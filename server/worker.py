@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import zmq
 
@@ -39,9 +39,9 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def run_farm_worker(broker: str, slots: int) -> None:
+def run_farm_worker(broker: str, slots: int, allow: Sequence[str] | None = None) -> None:
     """Entry point of `envfarm worker`: serves leases from the broker until killed."""
-    Worker(broker, m.WORKER_PREFIX + os.urandom(15), trusted=False, slots=slots).serve()
+    Worker(broker, m.WORKER_PREFIX + os.urandom(15), trusted=False, slots=slots, allow=allow).serve()
 
 
 def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
@@ -55,7 +55,7 @@ def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
 class Worker:
     """Serves the requests that arrive on one DEALER socket (or the channel it attached) until CLOSE."""
 
-    def __init__(self, endpoint: str, identity: bytes, *, trusted: bool, slots: int | None = None):
+    def __init__(self, endpoint: str, identity: bytes, *, trusted: bool, slots: int | None = None, allow: Sequence[str] | None = None):
         """`slots` makes this a farm worker: it registers with a broker, and CLOSE ends a lease
         (its envs are closed and it waits for the next trainer) rather than the process."""
         self.trusted = trusted
@@ -68,7 +68,8 @@ class Worker:
             set_tcp_heartbeats(self.socket)
         self.socket.connect(endpoint)
         self.next_heartbeat = time.monotonic()
-        self.requests = RequestHandler(trusted=trusted)
+        self.allow = allow
+        self.requests = RequestHandler(trusted=trusted, allow=allow)
         self.channel: shm_channel.WorkerEnd | None = None
 
     def send(self, message: dict[str, Any]) -> None:
@@ -124,7 +125,7 @@ class Worker:
                 if message.get("kind") == m.CLOSE:
                     if self.slots is None:
                         return
-                    self.requests, self.channel = RequestHandler(trusted=self.trusted), None
+                    self.requests, self.channel = RequestHandler(trusted=self.trusted, allow=self.allow), None
                     self.send(hello)
                 if self.channel is None and self.requests.channel is not None:
                     self.channel = self.requests.channel  # ATTACHED went on the socket; the rest goes here

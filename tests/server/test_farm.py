@@ -170,3 +170,28 @@ def test_a_frozen_worker_that_comes_back_registers_again(quick_farm):
     envs.reset(seed=0)
     envs.step(envs.action_space.sample())
     envs.close()
+
+
+def test_a_worker_builds_only_the_envs_it_allows():
+    broker = Broker("tcp://127.0.0.1:0")
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2", "--allow", "Pendulum-*"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not broker.workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(Exception, match=r"'CartPole-v1' is not allowed on this worker \(--allow Pendulum-\*\)"):
+            envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint)
+        envs = envfarm.make_vec("Pendulum-v1", 2, broker=broker.endpoint)
+        envs.reset(seed=0)
+        envs.step(envs.action_space.sample())
+        envs.close()
+    finally:
+        worker.kill()
+        worker.wait(10)
+        broker.stop()
+        thread.join(5)
