@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from envfarm.channel import TrainerChannels
+from envfarm.curve import secure_client
 from envfarm.client.errors import WorkerDiedError
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ProtocolError
@@ -68,7 +69,7 @@ _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes w
 class Router:
     """Sends requests to workers by ownership and gathers their replies by request id."""
 
-    def __init__(self, endpoint: str, *, trusted: bool, broker: bool = False):
+    def __init__(self, endpoint: str, *, trusted: bool, broker: bool = False, curve: tuple[str, str] | None = None):
         """A ROUTER bound at `endpoint` that workers connect to, or (broker=True) a DEALER connected
         to a broker at `endpoint`, which forwards [worker, *message] both ways: the same framing."""
         self.trusted = trusted
@@ -80,6 +81,8 @@ class Router:
             self.socket.setsockopt(zmq.LINGER, 0)
             self.socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
             self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+            if curve is not None:
+                secure_client(self.socket, *curve)
             self.socket.connect(endpoint)
         else:
             self.socket = self.context.socket(zmq.ROUTER)

@@ -92,6 +92,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         broker: A farm broker's endpoint (e.g. "tcp://head:5555"): lease workers there instead of
             starting local ones. Use `envfarm.make_vec(..., broker=...)`, which sets `remote_env`.
         remote_env: {"env_id", "kwargs"}: how farm workers build the envs (they take no code).
+        curve: (this trainer's secret key file, the broker's public key file): CurveZMQ to the
+            broker (see envfarm/curve.py).
         startup_timeout: Seconds to wait for the workers to start and build their envs.
 
     Raises:
@@ -118,6 +120,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         broker: str | None = None,
         remote_env: dict[str, Any] | None = None,
+        curve: tuple[str, str] | None = None,
     ) -> None:
         if worker is not None:
             raise ValueError("FarmVectorEnv runs envfarm's own worker; a custom `worker` function is not supported")
@@ -145,7 +148,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         if broker is None:
             self._router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
         else:
-            self._router = Router(broker, trusted=False, broker=True)
+            self._router = Router(broker, trusted=False, broker=True, curve=curve)
         self._broker = WorkerHandle(-1, b"", range(0), host="broker") if broker is not None else None
         self._workers: list[WorkerHandle] = []
         self._segments: list[BatchBuffer | TrainerChannels] = []
@@ -217,7 +220,13 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self._router.add(self._broker)
         rid = self._router.new_rid()
         self._router.send(self._broker, m.make(m.LEASE, rid, envs=self.num_envs))
-        reply = self._router.gather(rid, [self._broker], timeout)[self._broker]
+        try:
+            reply = self._router.gather(rid, [self._broker], timeout)[self._broker]
+        except multiprocessing.TimeoutError:
+            raise multiprocessing.TimeoutError(
+                f"no reply from the broker at {self.broker} within {timeout} s: is it running, and if it uses "
+                "CurveZMQ, is this trainer's public key among its clients (curve=...)?"
+            ) from None
         self._raise_errors([(self._broker, reply)])
         start = 0
         for identity, slots, host, pid in reply["workers"]:

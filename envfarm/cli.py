@@ -34,11 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="run a farm broker that leases workers to trainers")
     broker.add_argument("--bind", default="tcp://0.0.0.0:5555", help="endpoint for workers and trainers (default tcp://0.0.0.0:5555)")
     broker.add_argument("--dead-after", type=float, default=5.0, help="seconds of silence after which a worker is lost (default 5)")
+    broker.add_argument("--curve-secret", help="CurveZMQ: this broker's secret key file (envfarm keygen)")
+    broker.add_argument("--curve-clients", help="CurveZMQ: directory of the public key files (*.key) it admits")
 
     worker = commands.add_parser("worker", help="run a farm worker that serves a broker's trainers")
     worker.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
     worker.add_argument("--slots", type=int, default=8, help="envs this worker hosts at most (default 8)")
+    worker.add_argument("--curve-secret", help="CurveZMQ: this worker's secret key file")
+    worker.add_argument("--broker-key", help="CurveZMQ: the broker's public key file")
     worker.add_argument("--allow", default=None, help="comma-separated env id patterns it builds, e.g. 'CartPole-*,ALE/*' (default: Gymnasium's registered ids)")
+
+    keygen = commands.add_parser("keygen", help="write a CurveZMQ key pair: DIR/NAME.key and DIR/NAME.key_secret")
+    keygen.add_argument("directory")
+    keygen.add_argument("name")
 
     from envfarm.bench import add_arguments as add_bench_arguments
 
@@ -71,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "broker":
         from envfarm.server.broker import Broker
 
+        if bool(args.curve_secret) != bool(args.curve_clients):
+            print("envfarm broker: --curve-secret and --curve-clients go together", file=sys.stderr)
+            return 2
         try:
-            broker = Broker(args.bind, dead_after=args.dead_after)
-        except ValueError as e:
+            broker = Broker(args.bind, dead_after=args.dead_after, curve=(args.curve_secret, args.curve_clients) if args.curve_secret else None)
+        except (ValueError, OSError) as e:
             print(f"envfarm broker: {e}", file=sys.stderr)
             return 2
         print(f"envfarm broker on {broker.endpoint}", file=sys.stderr, flush=True)
@@ -88,10 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.slots < 1:
             print("envfarm worker: --slots must be at least 1", file=sys.stderr)
             return 2
+        if bool(args.curve_secret) != bool(args.broker_key):
+            print("envfarm worker: --curve-secret and --broker-key go together", file=sys.stderr)
+            return 2
+        curve = (args.curve_secret, args.broker_key) if args.curve_secret else None
         try:
-            run_farm_worker(args.broker, args.slots, args.allow.split(",") if args.allow else None)
+            run_farm_worker(args.broker, args.slots, args.allow.split(",") if args.allow else None, curve)
         except KeyboardInterrupt:
             pass
+        return 0
+    if args.command == "keygen":
+        from envfarm.curve import keygen
+
+        public, secret = keygen(args.directory, args.name)
+        print(f"wrote {public} (share it) and {secret} (keep it private)")
         return 0
     if args.command == "bench":
         from envfarm.bench import main as bench_main

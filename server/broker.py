@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 
+from envfarm.curve import secure_server
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
@@ -49,9 +50,10 @@ def set_tcp_heartbeats(socket: zmq.Socket) -> None:
 class Broker:
     """Serves one ROUTER socket until `stop()`."""
 
-    def __init__(self, bind: str, dead_after: float = 5.0):
+    def __init__(self, bind: str, dead_after: float = 5.0, curve: tuple[str, str] | None = None):
         """`dead_after`: a worker silent this long (no heartbeat, no reply: dead, frozen, cut off,
-        or stuck in one request) is declared lost, and its lessee told at once."""
+        or stuck in one request) is declared lost, and its lessee told at once.
+        `curve`: (this broker's secret key file, directory of admitted public keys): CurveZMQ."""
         if dead_after <= 2 * m.HEARTBEAT_INTERVAL:
             raise ValueError(f"dead_after must exceed two heartbeat intervals ({2 * m.HEARTBEAT_INTERVAL} s), got {dead_after}")
         self.dead_after = dead_after
@@ -62,6 +64,7 @@ class Broker:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         set_tcp_heartbeats(self.socket)
+        self._authenticator = secure_server(self.context, self.socket, *curve) if curve is not None else None
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[bytes, RegisteredWorker] = {}
@@ -84,6 +87,8 @@ class Broker:
                     self._from_trainer(sender, frames[0].bytes, frames[1:])
         finally:
             self.socket.close(linger=0)
+            if self._authenticator is not None:
+                self._authenticator.stop()
             self.context.term()
 
     def _send(self, frames: list[Any]) -> None:

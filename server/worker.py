@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import zmq
 
 from envfarm import channel as shm_channel
+from envfarm.curve import secure_client
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
@@ -39,9 +40,10 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def run_farm_worker(broker: str, slots: int, allow: Sequence[str] | None = None) -> None:
-    """Entry point of `envfarm worker`: serves leases from the broker until killed."""
-    Worker(broker, m.WORKER_PREFIX + os.urandom(15), trusted=False, slots=slots, allow=allow).serve()
+def run_farm_worker(broker: str, slots: int, allow: Sequence[str] | None = None, curve: tuple[str, str] | None = None) -> None:
+    """Entry point of `envfarm worker`: serves leases from the broker until killed.
+    `curve`: (this worker's secret key file, the broker's public key file)."""
+    Worker(broker, m.WORKER_PREFIX + os.urandom(15), trusted=False, slots=slots, allow=allow, curve=curve).serve()
 
 
 def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
@@ -55,7 +57,16 @@ def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
 class Worker:
     """Serves the requests that arrive on one DEALER socket (or the channel it attached) until CLOSE."""
 
-    def __init__(self, endpoint: str, identity: bytes, *, trusted: bool, slots: int | None = None, allow: Sequence[str] | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        identity: bytes,
+        *,
+        trusted: bool,
+        slots: int | None = None,
+        allow: Sequence[str] | None = None,
+        curve: tuple[str, str] | None = None,
+    ):
         """`slots` makes this a farm worker: it registers with a broker, and CLOSE ends a lease
         (its envs are closed and it waits for the next trainer) rather than the process."""
         self.trusted = trusted
@@ -66,6 +77,8 @@ class Worker:
         self.socket.setsockopt(zmq.LINGER, 1000)
         if slots is not None:
             set_tcp_heartbeats(self.socket)
+        if curve is not None:
+            secure_client(self.socket, *curve)
         self.socket.connect(endpoint)
         self.next_heartbeat = time.monotonic()
         self.allow = allow

@@ -195,3 +195,43 @@ def test_a_worker_builds_only_the_envs_it_allows():
         worker.wait(10)
         broker.stop()
         thread.join(5)
+
+
+def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
+    from envfarm.curve import keygen
+
+    keygen(str(tmp_path), "broker")
+    clients = tmp_path / "clients"
+    for name in ("worker", "trainer"):
+        public, _ = keygen(str(tmp_path), name)
+        clients.mkdir(exist_ok=True)
+        (clients / f"{name}.key").write_bytes(open(public, "rb").read())
+    keygen(str(tmp_path), "stranger")
+    broker = Broker("tcp://127.0.0.1:0", curve=(str(tmp_path / "broker.key_secret"), str(clients)))
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2",
+         "--curve-secret", str(tmp_path / "worker.key_secret"), "--broker-key", str(tmp_path / "broker.key")],
+        stderr=subprocess.DEVNULL,
+    )
+    broker_key = str(tmp_path / "broker.key")
+    try:
+        deadline = time.monotonic() + 30
+        while not broker.workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert broker.workers, "the listed worker was not admitted"
+        envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, curve=(str(tmp_path / "trainer.key_secret"), broker_key))
+        envs.reset(seed=0)
+        envs.step(envs.action_space.sample())
+        envs.close()
+        import multiprocessing
+
+        for curve in ((str(tmp_path / "stranger.key_secret"), broker_key), None):  # unlisted, then plaintext
+            with pytest.raises(multiprocessing.TimeoutError, match="is this trainer's public key among its clients"):
+                envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, curve=curve, startup_timeout=2)
+    finally:
+        worker.kill()
+        worker.wait(10)
+        broker.stop()
+        thread.join(5)
