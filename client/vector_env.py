@@ -210,7 +210,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             attached = reply["kind"] == m.ATTACHED
             worker.shared_memory = attached and reply["obs"]
             worker.channel = attached and reply["channel"]
-            if (buffer.descriptor is not None and not worker.shared_memory) or (channels is not None and not worker.channel and worker.inline is None):
+            # Only a local worker is expected to share memory; a farm worker on another host is not.
+            if worker.process is not None and ((buffer.descriptor is not None and not worker.shared_memory) or (channels is not None and not worker.channel)):
                 logger.warn(f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket")
         if channels is not None:
             self._router.use_channels(channels)

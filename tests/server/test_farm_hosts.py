@@ -1,0 +1,111 @@
+"""A farm across hosts: two worker hosts as network namespaces joined to this one by veth pairs,
+one of them with a /dev/shm of its own so that it is truly remote. Needs root and iproute2; made
+by the test and removed afterwards. Traffic goes only to the test's own namespaces."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from compare import assert_same
+
+import envfarm
+from envfarm.server.broker import Broker
+
+SUBNET = 40 + os.getpid() % 150  # 10.231.SUBNET.0/24 and 10.232.SUBNET.0/24: one run's own addresses
+
+
+def sh(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, timeout=20)
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.fixture
+def hosts():
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
+        pytest.skip("network namespaces need root, iproute2 and unshare")
+    made = []
+    try:
+        for octet, name in ((231, "a"), (232, "b")):
+            namespace, here, there = f"ef{os.getpid()}{name}", f"efh{os.getpid()}{name}", f"efw{os.getpid()}{name}"
+            sh("ip", "netns", "add", namespace)
+            made.append((namespace, here))
+            sh("ip", "link", "add", here, "type", "veth", "peer", "name", there)
+            sh("ip", "link", "set", there, "netns", namespace)
+            sh("ip", "addr", "add", f"10.{octet}.{SUBNET}.1/24", "dev", here)
+            sh("ip", "link", "set", here, "up")
+            sh("ip", "netns", "exec", namespace, "ip", "addr", "add", f"10.{octet}.{SUBNET}.2/24", "dev", there)
+            sh("ip", "netns", "exec", namespace, "ip", "link", "set", there, "up")
+            sh("ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up")
+    except (subprocess.SubprocessError, OSError) as e:
+        for namespace, here in made:
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            subprocess.run(["ip", "link", "del", here], capture_output=True)
+        pytest.skip(f"cannot make network namespaces here: {e}")
+    yield made
+    for namespace, here in made:
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+
+
+def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
+    (ns_a, link_a), (ns_b, _) = hosts
+    broker = Broker("tcp://0.0.0.0:0", dead_after=2.5)
+    port = broker.endpoint.rsplit(":", 1)[1]
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    worker = [sys.executable, "-m", "envfarm", "worker", "--slots", "2", "--broker"]
+    remote = subprocess.Popen(  # host a: its own network and its own /dev/shm
+        ["ip", "netns", "exec", ns_a, "unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {' '.join(worker)} tcp://10.231.{SUBNET}.1:{port}"],
+        stderr=subprocess.DEVNULL,
+    )
+    same_host = subprocess.Popen(["ip", "netns", "exec", ns_b, *worker, f"tcp://10.232.{SUBNET}.1:{port}"], stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(broker.workers) == 2, 30), "the workers did not register across the namespaces"
+        envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
+        sync = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
+        try:
+            by_pid = {w.pid: w for w in envs._workers}
+            assert by_pid[remote.pid].shared_memory is False  # the nonce probe failed: observations on the wire
+            assert by_pid[same_host.pid].shared_memory is True  # same memory, other network: shared memory
+            assert_same(sync.reset(seed=9), envs.reset(seed=9))
+            for actions in np.random.default_rng(1).integers(0, 2, (200, 4)):
+                assert_same(sync.step(actions), envs.step(actions))
+
+            sh("ip", "link", "set", link_a, "down")  # cut host a off
+            start = time.monotonic()
+            with pytest.raises(envfarm.WorkerDiedError, match=rf"pid {remote.pid}.*was silent for more than 2.5 s"):
+                while True:
+                    envs.step(envs.action_space.sample())
+            assert time.monotonic() - start < 6
+        finally:
+            envs.close()
+            sync.close()
+        sh("ip", "link", "set", link_a, "up")  # heal: host a's worker comes back and registers again
+        assert wait_for(lambda: len(broker.workers) == 2, 20), "the cut-off worker did not come back"
+        envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
+        envs.reset(seed=0)
+        envs.step(envs.action_space.sample())
+        envs.close()
+    finally:
+        for process in (remote, same_host):
+            process.kill()
+            process.wait(10)
+        broker.stop()
+        thread.join(5)
