@@ -16,6 +16,10 @@ class FarmError(RuntimeError):
 class WorkerDiedError(FarmError):
     """A worker process or host is gone; the envs it hosted are lost."""
 
+    def __init__(self, message: str, worker: object = None):
+        super().__init__(message)
+        self.worker = worker  # the router's handle of the lost worker
+
 
 class RemoteEnvError(FarmError):
     """An env raised an exception whose class cannot be rebuilt in the trainer."""

@@ -134,7 +134,7 @@ class Router:
             raise self._died(worker) from None
 
     def _died(self, worker: WorkerHandle) -> WorkerDiedError:
-        return WorkerDiedError(f"envfarm {worker.describe()} {worker.dead}; its envs are lost")
+        return WorkerDiedError(f"envfarm {worker.describe()} {worker.dead}; its envs are lost", worker)
 
     def gather(self, rid: int, workers: list[WorkerHandle], timeout: float | None) -> dict[WorkerHandle, dict[str, Any]]:
         """Waits for the reply with id `rid` from each of `workers`.
@@ -144,45 +144,65 @@ class Router:
         """
         return self.collect({worker: rid for worker in workers}, timeout, wait_all=True)
 
-    def collect(self, expected: dict[WorkerHandle, int], timeout: float | None, wait_all: bool) -> dict[WorkerHandle, dict[str, Any]]:
+    def collect(
+        self, expected: dict[WorkerHandle, int], timeout: float | None, wait_all: bool, lost: list[WorkerHandle] | None = None
+    ) -> dict[WorkerHandle, dict[str, Any]]:
         """Waits for each worker's reply to the request id `expected[worker]`: for all of them, or
-        (wait_all=False) for at least one. Any other reply is stale and dropped."""
+        (wait_all=False) for at least one. Any other reply is stale and dropped.
+
+        A worker that is gone raises WorkerDiedError, or, given a `lost` list, is put there and
+        no longer waited for.
+        """
         pending = dict(expected)
         replies: dict[WorkerHandle, dict[str, Any]] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                if self._collect_once(pending, replies, deadline, timeout, wait_all):
+                    return replies
+            except WorkerDiedError as e:
+                if lost is None or e.worker not in pending:
+                    raise
+                lost.append(e.worker)
+                del pending[e.worker]
+                if not pending:
+                    return replies
+
+    def _collect_once(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]], deadline: float | None, timeout: float | None, wait_all: bool) -> bool:
+        """One look at every source of replies, and one wait; True when the collection is complete."""
         for worker in pending:
             if worker.dead:
                 raise self._died(worker)
         for worker in [worker for worker in pending if worker in self._inline_replies]:
             self._accept(worker, self._inline_replies.pop(worker), pending, replies)
-        while True:
-            self._collect_channels(pending, replies)
-            if not pending or (replies and not wait_all):
-                return replies
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                for fd, _ in self.poller.poll(0):  # a last look at what already arrived
-                    if fd is self.socket:
-                        self._drain(pending, replies)
-                    else:
-                        self._on_exit(fd, pending, replies)
-                if not pending or (replies and not wait_all):
-                    return replies
-                waiting = ", ".join(worker.describe() for worker in sorted(pending, key=lambda w: w.index))
-                raise multiprocessing.TimeoutError(f"no reply within {timeout} s from {waiting}")
-            on_channel = [worker.index for worker in pending if worker.channel]
-            if on_channel:
-                # Replies ring a futex; the socket (a reply too large for its slot) and the worker
-                # processes are looked at between short sleeps.
-                self.channels.wait(on_channel, _CHANNEL_SLICE if remaining is None else min(remaining, _CHANNEL_SLICE))
-                events = self.poller.poll(0)
-            else:
-                events = self.poller.poll(None if remaining is None else int(remaining * 1000) + 1)
-            for fd, _ in events:
+        self._collect_channels(pending, replies)
+        if not pending or (replies and not wait_all):
+            return True
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            for fd, _ in self.poller.poll(0):  # a last look at what already arrived
                 if fd is self.socket:
                     self._drain(pending, replies)
                 else:
                     self._on_exit(fd, pending, replies)
+            if not pending or (replies and not wait_all):
+                return True
+            waiting = ", ".join(worker.describe() for worker in sorted(pending, key=lambda w: w.index))
+            raise multiprocessing.TimeoutError(f"no reply within {timeout} s from {waiting}")
+        on_channel = [worker.index for worker in pending if worker.channel]
+        if on_channel:
+            # Replies ring a futex; the socket (a reply too large for its slot) and the worker
+            # processes are looked at between short sleeps.
+            self.channels.wait(on_channel, _CHANNEL_SLICE if remaining is None else min(remaining, _CHANNEL_SLICE))
+            events = self.poller.poll(0)
+        else:
+            events = self.poller.poll(None if remaining is None else int(remaining * 1000) + 1)
+        for fd, _ in events:
+            if fd is self.socket:
+                self._drain(pending, replies)
+            else:
+                self._on_exit(fd, pending, replies)
+        return False
 
     def _collect_channels(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         for worker in [worker for worker in pending if worker.channel]:

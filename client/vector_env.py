@@ -17,6 +17,7 @@ Same constructor, methods, attributes, error classes and messages as AsyncVector
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import secrets
@@ -36,7 +37,7 @@ from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
 from envfarm.channel import TrainerChannels
 from envfarm.channel import available as channel_available
-from envfarm.client.errors import FarmError, rebuild
+from envfarm.client.errors import FarmError, WorkerDiedError, rebuild
 from envfarm.client.launch import available_cpus, partition, start_local_workers
 from envfarm.client.batch_buffer import BatchBuffer
 from envfarm.client.segments import Segment
@@ -48,6 +49,7 @@ from envfarm.protocol.errors import ErrorInfo
 from envfarm.server import RequestHandler
 
 DEFAULT_CLOSE_TIMEOUT = 5.0
+RESTARTS_PER_MINUTE = 5
 # Busy-wait budgets on the shared-memory channel before sleeping on a futex: on the 2-core VM this
 # was tuned on, waking a sleeping process costs 40-90 us, more than a cheap env's whole step. A
 # worker spins for the trainer's next request (its post-processing, or its own inline envs), the
@@ -94,6 +96,11 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         remote_env: {"env_id", "kwargs"}: how farm workers build the envs (they take no code).
         curve: (this trainer's secret key file, the broker's public key file): CurveZMQ to the
             broker (see envfarm/curve.py).
+        on_failure: "raise" (default): a lost worker raises WorkerDiedError. "restart" (farm
+            only): its envs are built again on another leased worker and reset; that step or
+            reset reports them truncated=True with info["envfarm_restarted"] (their last
+            observation is gone: the one returned begins the new episode). At most
+            RESTARTS_PER_MINUTE restarts a minute, then WorkerDiedError.
         startup_timeout: Seconds to wait for the workers to start and build their envs.
 
     Raises:
@@ -121,6 +128,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         broker: str | None = None,
         remote_env: dict[str, Any] | None = None,
         curve: tuple[str, str] | None = None,
+        on_failure: str = "raise",
     ) -> None:
         if worker is not None:
             raise ValueError("FarmVectorEnv runs envfarm's own worker; a custom `worker` function is not supported")
@@ -141,6 +149,12 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         if broker is not None and (remote_env is None or inline_worker):
             raise ValueError("a farm (broker=...) builds registered envs by id: use envfarm.make_vec(env_id, n, broker=...), without inline_worker")
         self._remote_env = remote_env
+        if on_failure not in ("raise", "restart"):
+            raise ValueError(f"on_failure must be 'raise' or 'restart', got {on_failure!r}")
+        if on_failure == "restart" and broker is None:
+            raise ValueError("on_failure='restart' needs a farm (broker=...): a local worker's death is a bug to see, not to hide")
+        self.on_failure = on_failure
+        self._restarts: collections.deque[float] = collections.deque()
 
         self._state = AsyncState.DEFAULT
         self._pending: tuple[int, list[WorkerHandle]] | None = None
@@ -572,8 +586,14 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     def _wait(self, name: str, timeout: float | None) -> list[tuple[WorkerHandle, dict[str, Any]]]:
         """Gathers the pending request's replies in worker order; the state returns to DEFAULT."""
         rid, targets = self._pending
+        restart = self.on_failure == "restart" and name in ("step_wait", "reset_wait")
+        lost: list[WorkerHandle] = []
         try:
-            replies = self._router.gather(rid, targets, timeout)
+            replies = self._router.collect({worker: rid for worker in targets}, timeout, wait_all=True, lost=lost if restart else None)
+            for worker in lost:
+                replacement, reply = self._restart(worker)
+                targets = [replacement if target is worker else target for target in targets]
+                replies[replacement] = reply if name == "reset_wait" else _truncated_by_restart(reply)
         except multiprocessing.TimeoutError:
             self._state, self._pending = AsyncState.DEFAULT, None
             raise multiprocessing.TimeoutError(f"The call to `{name}` has timed out after {timeout} second(s).") from None
@@ -582,6 +602,38 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             raise
         self._state, self._pending = AsyncState.DEFAULT, None
         return [(worker, replies[worker]) for worker in targets]
+
+    def _restart(self, lost: WorkerHandle) -> tuple[WorkerHandle, dict[str, Any]]:
+        """Builds a lost worker's envs again on a newly leased worker and resets them; returns it and the reset's reply."""
+        now = time.monotonic()
+        while self._restarts and self._restarts[0] < now - 60:
+            self._restarts.popleft()
+        if len(self._restarts) >= RESTARTS_PER_MINUTE:
+            raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; not restarted: {RESTARTS_PER_MINUTE} restarts in the last minute already", lost)
+        self._restarts.append(now)
+        rid = self._router.new_rid()
+        self._router.send(self._broker, m.make(m.LEASE, rid, envs=len(lost.env_ids), add=True))
+        reply = self._router.gather(rid, [self._broker], DEFAULT_STARTUP_TIMEOUT)[self._broker]
+        if reply["kind"] == m.ERROR:
+            raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; no capacity left to restart it: {ErrorInfo.from_data(reply['error']).message}", lost)
+        identity, slots, host, pid = reply["workers"][0]
+        worker = WorkerHandle(lost.index, identity, lost.env_ids, pid=pid, host=host)
+        self._router.add(worker)
+        self._workers[self._workers.index(lost)] = worker
+        source = {"env_id": self._remote_env["env_id"], "kwargs": self._remote_env["kwargs"]}
+        for kind, fields in (
+            (m.CREATE, {"envs": list(worker.env_ids), "source": source, "autoreset_mode": self.autoreset_mode.value}),
+            (m.ATTACH, {"obs": self._buffer.descriptor, "channel": None}),
+            (m.RESET, {"envs": list(worker.env_ids), "seeds": [None] * len(worker.env_ids), "options": None}),
+        ):
+            rid = self._router.new_rid()
+            self._router.send(worker, m.make(kind, rid, **fields))
+            reply = self._router.gather(rid, [worker], DEFAULT_STARTUP_TIMEOUT)[worker]
+            if kind == m.ATTACH:
+                worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
+            else:
+                self._raise_errors([(worker, reply)])
+        return worker, reply
 
     @staticmethod
     def _replies(replies: dict[WorkerHandle, dict[str, Any]]) -> list[tuple[WorkerHandle, dict[str, Any]]]:
@@ -604,6 +656,18 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             exc.add_note("also failed: " + "; ".join(f"{w}: {i.type}: {i.message}" for _, _, i, w in failures[1:]))
         exc.failed_envs = sorted({env for _, envs, _, _ in failures for env in envs})
         raise exc
+
+
+def _truncated_by_restart(reset_reply: dict[str, Any]) -> dict[str, Any]:
+    """The step result of envs that were lost and built again: truncated, with their reset's observation."""
+    count = len(reset_reply["envs"])
+    return {
+        **reset_reply,
+        "rewards": np.zeros(count, np.float64),
+        "terminated": np.zeros(count, np.bool_),
+        "truncated": np.ones(count, np.bool_),
+        "infos": [{**info, "envfarm_restarted": True} for info in reset_reply["infos"]],
+    }
 
 
 def _indices(rows: slice | list[int], length: int) -> range | list[int]:

@@ -16,7 +16,7 @@ request, so a late reply to an abandoned request is recognised and dropped. The 
 
 In farm mode a broker stands between them and leases workers to trainers:
 
-    trainer -> LEASE   {envs}                               -> LEASED {workers: [[identity, slots, host, pid], ...]}
+    trainer -> LEASE   {envs, add?}                         -> LEASED {workers: [[identity, slots, host, pid], ...]}
     trainer -> RELEASE {}                                   -> RESULT {}
 
 A worker's HELLO then carries `slots`, how many envs it hosts at most.

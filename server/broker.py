@@ -142,7 +142,8 @@ class Broker:
     def _control(self, trainer: bytes, message: dict[str, Any]) -> dict[str, Any]:
         kind, rid = message["kind"], message["rid"]
         if kind == m.LEASE:
-            self._release(trainer)  # a trainer holds one lease at a time
+            if not message.get("add"):  # a new lease replaces the trainer's last one; add=True extends it
+                self._release(trainer)
             wanted, leased = message["envs"], []
             for record in self.workers.values():
                 if wanted <= 0:
@@ -152,7 +153,8 @@ class Broker:
                     leased.append(record)
                     wanted -= record.slots
             if wanted > 0:
-                self._release(trainer)
+                for record in leased:
+                    record.lessee = None
                 free = sum(r.slots for r in self.workers.values() if r.lessee is None)
                 raise RuntimeError(f"the farm has {free} free slots, {message['envs']} were asked for")
             return m.make(m.LEASED, rid, workers=[[r.identity, r.slots, r.host, r.pid] for r in leased])

@@ -235,3 +235,42 @@ def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
         worker.wait(10)
         broker.stop()
         thread.join(5)
+
+
+def test_restart_policy_rebuilds_lost_envs_on_a_spare_worker(farm):
+    # farm: three 4-slot workers; the trainer leases two, the third is the spare.
+    envs = envfarm.make_vec("CartPole-v1", 8, broker=farm.endpoint, on_failure="restart", shared_memory=False)
+    try:
+        envs.reset(seed=0)
+        victim = envs._workers[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        restarted = None
+        deadline = time.monotonic() + 20
+        while restarted is None and time.monotonic() < deadline:
+            _, _, _, truncated, info = envs.step(envs.action_space.sample())
+            if "envfarm_restarted" in info:
+                restarted = (truncated, info)
+        assert restarted is not None, "the lost worker's envs were not restarted"
+        truncated, info = restarted
+        assert info["_envfarm_restarted"].tolist() == [False] * 4 + [True] * 4
+        assert truncated[4:].all()
+        assert envs._workers[1].pid != victim.pid
+        for _ in range(20):  # training goes on
+            envs.step(envs.action_space.sample())
+        with pytest.raises(ValueError, match="needs a farm"):
+            envfarm.make_vec("CartPole-v1", 2, on_failure="restart")
+    finally:
+        envs.close()
+
+
+def test_restart_without_capacity_is_a_clear_error(quick_farm):
+    broker, processes = quick_farm  # two 2-slot workers, both leased below
+    envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, on_failure="restart", shared_memory=False)
+    try:
+        envs.reset(seed=0)
+        processes[0].kill()
+        with pytest.raises(envfarm.WorkerDiedError, match="no capacity left to restart it: the farm has 0 free slots"):
+            for _ in range(1000):
+                envs.step(envs.action_space.sample())
+    finally:
+        envs.close()
