@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import secrets
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,38 @@ def _exit_reason(process: Any) -> str:
 _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
 
 
+class _Heartbeat(threading.Thread):
+    """Tells the broker, from a socket of its own, that this trainer is alive, even while the
+    trainer's thread is busy elsewhere (a broker releases the lease of a trainer gone silent)."""
+
+    def __init__(self, endpoint: str, identity: bytes, curve: tuple[str, str] | None):
+        super().__init__(name="envfarm-heartbeat", daemon=True)
+        self.endpoint, self.identity, self.curve = endpoint, identity, curve
+        self._stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        context = zmq.Context()
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.IDENTITY, self.identity)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            secure_client(socket, *self.curve)
+        socket.connect(self.endpoint)
+        try:
+            while not self._stopped.wait(m.HEARTBEAT_INTERVAL):
+                socket.send(m.HEARTBEAT_FRAME, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        finally:
+            socket.close(linger=0)
+            context.term()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(2)
+
+
 class Router:
     """Sends requests to workers by ownership and gathers their replies by request id."""
 
@@ -84,6 +117,7 @@ class Router:
             if curve is not None:
                 secure_client(self.socket, *curve)
             self.socket.connect(endpoint)
+            self._heartbeat = _Heartbeat(endpoint, self.socket.getsockopt(zmq.IDENTITY) + m.HEARTBEAT_SUFFIX, curve)
         else:
             self.socket = self.context.socket(zmq.ROUTER)
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer must fail, not vanish
@@ -277,6 +311,7 @@ class Router:
 
     def close(self) -> None:
         if self.via_broker:  # best effort: give the lease back even if the trainer never said close()
+            self._heartbeat.stop()
             try:
                 self.socket.send_multipart([b"", *pack(m.make(m.RELEASE, self.new_rid()))], zmq.NOBLOCK)
                 self.socket.close(linger=500)

@@ -35,6 +35,7 @@ PROTOCOL_VERSION = 1
 WORKER_PREFIX, TRAINER_PREFIX = b"W", b"T"
 HEARTBEAT_FRAME = b""
 HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_SUFFIX = b"/hb"  # a trainer's heartbeat socket: its identity plus this
 
 HELLO = "hello"
 CREATE = "create"

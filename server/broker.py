@@ -10,7 +10,9 @@ empty target addresses the broker (LEASE n envs' worth of workers, RELEASE them)
 is one of the workers it leased, to which the message is forwarded untouched; the worker's replies
 go back to its lessee as [worker, *message]. The broker decodes only its own control messages and
 HELLO, never with pickles. A trainer's workers are released when it asks or leases anew; released workers are told to
-close their envs. (Not yet: heartbeats, releasing the workers of a trainer that vanished.)
+close their envs. Workers and trainers send heartbeats (a trainer from a thread of its own, on a
+second socket whose identity is its own plus HEARTBEAT_SUFFIX); a worker silent for `dead_after`
+is declared lost to its trainer, a trainer silent that long loses its lease.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Broker:
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[bytes, RegisteredWorker] = {}
+        self.trainers: dict[bytes, float] = {}  # trainers holding a lease: when each was last heard from
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -83,7 +86,13 @@ class Broker:
                 sender = identity.bytes
                 if sender.startswith(m.WORKER_PREFIX):
                     self._from_worker(sender, frames)
+                elif sender.startswith(m.TRAINER_PREFIX) and sender.endswith(m.HEARTBEAT_SUFFIX):
+                    trainer = sender[: -len(m.HEARTBEAT_SUFFIX)]
+                    if trainer in self.trainers:
+                        self.trainers[trainer] = time.monotonic()
                 elif sender.startswith(m.TRAINER_PREFIX) and frames:
+                    if sender in self.trainers:
+                        self.trainers[sender] = time.monotonic()
                     self._from_trainer(sender, frames[0].bytes, frames[1:])
         finally:
             self.socket.close(linger=0)
@@ -99,6 +108,8 @@ class Broker:
                 raise
 
     def _declare_lost(self, silent_since: float) -> None:
+        for trainer in [t for t, last_seen in self.trainers.items() if last_seen < silent_since]:
+            self._release(trainer)  # it vanished (killed, or its host did): its workers go back to the pool
         for record in [r for r in self.workers.values() if r.last_seen < silent_since]:
             del self.workers[record.identity]
             if record.lessee is not None:
@@ -157,6 +168,7 @@ class Broker:
                     record.lessee = None
                 free = sum(r.slots for r in self.workers.values() if r.lessee is None)
                 raise RuntimeError(f"the farm has {free} free slots, {message['envs']} were asked for")
+            self.trainers[trainer] = time.monotonic()
             return m.make(m.LEASED, rid, workers=[[r.identity, r.slots, r.host, r.pid] for r in leased])
         if kind == m.RELEASE:
             self._release(trainer)
@@ -165,6 +177,7 @@ class Broker:
 
     def _release(self, trainer: bytes) -> None:
         """Frees the trainer's workers; each is told to close its envs and wait for the next lease."""
+        self.trainers.pop(trainer, None)
         for record in self.workers.values():
             if record.lessee == trainer:
                 record.lessee = None

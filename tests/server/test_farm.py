@@ -274,3 +274,34 @@ def test_restart_without_capacity_is_a_clear_error(quick_farm):
                 envs.step(envs.action_space.sample())
     finally:
         envs.close()
+
+
+def test_a_vanished_trainer_loses_its_lease(quick_farm):
+    broker, _ = quick_farm
+    code = (
+        "import envfarm, sys; envs = envfarm.make_vec('CartPole-v1', 4, broker=sys.argv[1]); envs.reset(seed=0);"
+        "print('leased', flush=True); import time; time.sleep(60)"
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", code, broker.endpoint], stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline().strip() == "leased"
+        assert all(record.lessee is not None for record in broker.workers.values())
+        time.sleep(3)  # a live trainer keeps its lease while its thread sleeps: it sends heartbeats
+        assert all(record.lessee is not None for record in broker.workers.values())
+        trainer.kill()
+        trainer.wait(10)
+        assert wait_until(lambda: all(r.lessee is None for r in broker.workers.values()), 2.5 + 3)
+        envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint)  # the whole farm is free again
+        envs.close()
+    finally:
+        trainer.kill()
+        trainer.wait(10)
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
