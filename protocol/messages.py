@@ -18,6 +18,7 @@ In farm mode a broker stands between them and leases workers to trainers:
 
     trainer -> LEASE   {envs, add?}                         -> LEASED {workers: [[identity, slots, host, pid], ...]}
     trainer -> RELEASE {}                                   -> RESULT {}
+    anyone  -> STATUS  {}                                   -> RESULT {workers: [{...}], trainers}
 
 A worker's HELLO then carries `slots`, how many envs it hosts at most.
 
@@ -54,6 +55,7 @@ LEASE = "lease"
 LEASED = "leased"
 RELEASE = "release"
 LOST = "lost"
+STATUS = "status"
 
 _list = (list, tuple)
 _opt_dict = (dict, type(None))
@@ -75,6 +77,7 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     LEASED: {"workers": _list},
     RELEASE: {},
     LOST: {"reason": str},
+    STATUS: {},
 }
 
 

@@ -40,6 +40,7 @@ class RegisteredWorker:
     pid: int
     lessee: bytes | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    forwarded: int = 0  # requests forwarded to it, for `envfarm status`
 
 
 def set_tcp_heartbeats(socket: zmq.Socket) -> None:
@@ -139,6 +140,7 @@ class Broker:
         if target:
             record = self.workers.get(target)
             if record is not None and record.lessee == trainer:
+                record.forwarded += 1
                 self._send([target, *frames])
             return
         rid = 0
@@ -173,6 +175,14 @@ class Broker:
         if kind == m.RELEASE:
             self._release(trainer)
             return m.make(m.RESULT, rid, errors=[])
+        if kind == m.STATUS:
+            now = time.monotonic()
+            workers = [
+                {"id": r.identity.hex(), "host": r.host, "pid": r.pid, "slots": r.slots, "leased_to": r.lessee.hex() if r.lessee else None,
+                 "silent_s": round(now - r.last_seen, 1), "forwarded": r.forwarded}
+                for r in self.workers.values()
+            ]
+            return m.make(m.RESULT, rid, errors=[], workers=workers, trainers=len(self.trainers))
         raise ProtocolError(f"the broker does not serve {kind} messages")
 
     def _release(self, trainer: bytes) -> None:

@@ -305,3 +305,20 @@ def wait_until(condition, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return condition()
+
+
+def test_status_shows_workers_slots_and_leases(farm):
+    envs = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
+    try:
+        envs.reset(seed=0)
+        result = subprocess.run(
+            [sys.executable, "-m", "envfarm", "status", "--broker", farm.endpoint, "--interval", "0.2"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("3 workers, 12 slots, 4 leased to 1 trainers")
+        assert result.stdout.count("free") == 2
+    finally:
+        envs.close()
+    silent = subprocess.run([sys.executable, "-m", "envfarm", "status", "--broker", "tcp://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
+    assert silent.returncode == 1 and "no answer from the broker" in silent.stderr

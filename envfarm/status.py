@@ -1,0 +1,60 @@
+"""`envfarm status`: what a broker knows of its farm."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from envfarm.curve import secure_client
+from envfarm.protocol import messages as m
+from envfarm.protocol.packing import pack, unpack
+
+
+def query(broker: str, curve: tuple[str, str] | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """The broker's STATUS reply; TimeoutError if it does not answer in `timeout` seconds."""
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
+    socket.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        secure_client(socket, *curve)
+    socket.connect(broker)
+    try:
+        socket.send_multipart([b"", *pack(m.make(m.STATUS, 1))])
+        if not socket.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no answer from the broker at {broker} within {timeout:g} s")
+        _, *frames = socket.recv_multipart()
+        return unpack(frames)
+    finally:
+        socket.close(linger=0)
+        context.term()
+
+
+def show_status(broker: str, interval: float, curve: tuple[str, str] | None, as_json: bool) -> int:
+    """Prints the farm; requests/s are counted between two queries `interval` seconds apart."""
+    try:
+        first = query(broker, curve)
+        time.sleep(interval)
+        second = query(broker, curve)
+    except TimeoutError as e:
+        print(f"envfarm status: {e}", file=sys.stderr)
+        return 1
+    before = {w["id"]: w["forwarded"] for w in first["workers"]}
+    for worker in second["workers"]:
+        worker["requests_per_s"] = round((worker["forwarded"] - before.get(worker["id"], worker["forwarded"])) / max(interval, 1e-9), 1)
+    if as_json:
+        print(json.dumps(second))
+        return 0
+    workers = second["workers"]
+    print(f"{len(workers)} workers, {sum(w['slots'] for w in workers)} slots, "
+          f"{sum(w['slots'] for w in workers if w['leased_to'])} leased to {second['trainers']} trainers")
+    for w in workers:
+        lease = f"leased to {w['leased_to'][:8]}" if w["leased_to"] else "free"
+        print(f"  {w['id'][:8]}  {w['host']:<20} pid {w['pid']:<7} {w['slots']} slots  {lease:<18} "
+              f"{w['requests_per_s']:>7} req/s  heard {w['silent_s']} s ago")
+    return 0
