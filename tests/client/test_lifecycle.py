@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from polling import wait_until
 from testenvs import CounterEnv, ScriptedEnv
 
 import envfarm
@@ -35,15 +36,6 @@ def pid_alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_close_frees_processes_and_shared_memory():

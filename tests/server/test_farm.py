@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import zmq
 from compare import assert_same
+from polling import wait_until
 
 import envfarm
 from envfarm.protocol import messages as m
@@ -21,26 +22,30 @@ from envfarm.protocol.packing import pack, unpack
 from envfarm.server.broker import Broker
 
 
-@pytest.fixture
-def farm():
-    """A broker in a thread and three 4-slot workers, all on 127.0.0.1; torn down afterwards."""
-    broker = Broker("tcp://127.0.0.1:0")
+def start_farm(workers: int, slots: int, dead_after: float = 5.0):
+    """A broker in a thread and worker processes on 127.0.0.1, registered; yields (broker, workers)."""
+    broker = Broker("tcp://127.0.0.1:0", dead_after=dead_after)
     thread = threading.Thread(target=broker.serve, daemon=True)
     thread.start()
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "4"], stderr=subprocess.DEVNULL)
-        for _ in range(3)
-    ]
-    deadline = time.monotonic() + 30
-    while len(broker.workers) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(broker.workers) == 3, "workers did not register"
-    yield broker
-    for worker in workers:
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(10)
-    broker.stop()
-    thread.join(5)
+    command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", str(slots)]
+    processes = [subprocess.Popen(command, stderr=subprocess.DEVNULL) for _ in range(workers)]
+    try:
+        assert wait_until(lambda: len(broker.workers) == workers, 30), "workers did not register"
+        yield broker, processes
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait(10)
+        broker.stop()
+        thread.join(5)
+
+
+@pytest.fixture
+def farm():
+    """Three 4-slot workers."""
+    for broker, _ in start_farm(3, 4):
+        yield broker
 
 
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "wire"])
@@ -117,24 +122,8 @@ def test_malformed_frames_do_not_hurt_the_broker(farm):
 
 @pytest.fixture
 def quick_farm():
-    """Like `farm`, with workers declared lost after 2.5 s of silence; yields (broker, worker processes)."""
-    broker = Broker("tcp://127.0.0.1:0", dead_after=2.5)
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2"], stderr=subprocess.DEVNULL)
-        for _ in range(2)
-    ]
-    deadline = time.monotonic() + 30
-    while len(broker.workers) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield broker, workers
-    for worker in workers:
-        worker.send_signal(signal.SIGCONT)
-        worker.kill()
-        worker.wait(10)
-    broker.stop()
-    thread.join(5)
+    """Two 2-slot workers, declared lost after 2.5 s of silence; yields (broker, worker processes)."""
+    yield from start_farm(2, 2, dead_after=2.5)
 
 
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "freeze"])
@@ -296,15 +285,6 @@ def test_a_vanished_trainer_loses_its_lease(quick_farm):
     finally:
         trainer.kill()
         trainer.wait(10)
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_status_shows_workers_slots_and_leases(farm):

@@ -15,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from compare import assert_same
+from polling import wait_until
 
 import envfarm
 from envfarm.server.broker import Broker
@@ -24,15 +25,6 @@ SUBNET = 40 + os.getpid() % 150  # 10.231.SUBNET.0/24 and 10.232.SUBNET.0/24: on
 
 def sh(*command: str) -> None:
     subprocess.run(command, check=True, capture_output=True, timeout=20)
-
-
-def wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 @pytest.fixture
@@ -77,7 +69,7 @@ def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
     )
     same_host = subprocess.Popen(["ip", "netns", "exec", ns_b, *worker, f"tcp://10.232.{SUBNET}.1:{port}"], stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: len(broker.workers) == 2, 30), "the workers did not register across the namespaces"
+        assert wait_until(lambda: len(broker.workers) == 2, 30), "the workers did not register across the namespaces"
         envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
         sync = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
         try:
@@ -98,7 +90,7 @@ def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
             envs.close()
             sync.close()
         sh("ip", "link", "set", link_a, "up")  # heal: host a's worker comes back and registers again
-        assert wait_for(lambda: len(broker.workers) == 2, 20), "the cut-off worker did not come back"
+        assert wait_until(lambda: len(broker.workers) == 2, 20), "the cut-off worker did not come back"
         envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
         envs.reset(seed=0)
         envs.step(envs.action_space.sample())
