@@ -79,27 +79,39 @@ class Broker:
 
     def serve(self) -> None:
         try:
+            next_check = 0.0
             while not self._stop.is_set():
-                self._declare_lost(time.monotonic() - self.dead_after)
+                now = time.monotonic()
+                if now >= next_check:
+                    self._declare_lost(now - self.dead_after)
+                    next_check = now + 0.1
                 if not self.socket.poll(100):
                     continue
-                identity, *frames = self.socket.recv_multipart(copy=False)
-                sender = identity.bytes
-                if sender.startswith(m.WORKER_PREFIX):
-                    self._from_worker(sender, frames)
-                elif sender.startswith(m.TRAINER_PREFIX) and sender.endswith(m.HEARTBEAT_SUFFIX):
-                    trainer = sender[: -len(m.HEARTBEAT_SUFFIX)]
-                    if trainer in self.trainers:
-                        self.trainers[trainer] = time.monotonic()
-                elif sender.startswith(m.TRAINER_PREFIX) and frames:
-                    if sender in self.trainers:
-                        self.trainers[sender] = time.monotonic()
-                    self._from_trainer(sender, frames[0].bytes, frames[1:])
+                self._drain()
         finally:
             self.socket.close(linger=0)
             if self._authenticator is not None:
                 self._authenticator.stop()
             self.context.term()
+
+    def _drain(self) -> None:
+        """Handles every message already queued, without a poll between them."""
+        while True:
+            try:
+                identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            sender = identity.bytes
+            if sender.startswith(m.WORKER_PREFIX):
+                self._from_worker(sender, frames)
+            elif sender.startswith(m.TRAINER_PREFIX) and sender.endswith(m.HEARTBEAT_SUFFIX):
+                trainer = sender[: -len(m.HEARTBEAT_SUFFIX)]
+                if trainer in self.trainers:
+                    self.trainers[trainer] = time.monotonic()
+            elif sender.startswith(m.TRAINER_PREFIX) and frames:
+                if sender in self.trainers:
+                    self.trainers[sender] = time.monotonic()
+                self._from_trainer(sender, frames[0].bytes, frames[1:])
 
     def _send(self, frames: list[Any]) -> None:
         try:
