@@ -129,7 +129,6 @@ class Router:
         self.poller.register(self.socket, zmq.POLLIN)
         self._sentinels: dict[int, WorkerHandle] = {}
         self._next_rid = 0
-        self.stale_replies = 0
         self.channels: TrainerChannels | None = None
         self._inline_replies: dict[WorkerHandle, dict[str, Any]] = {}
 
@@ -288,8 +287,7 @@ class Router:
             if worker in pending:
                 raise self._died(worker)
             return
-        if pending.get(worker) != message["rid"]:
-            self.stale_replies += 1
+        if pending.get(worker) != message["rid"]:  # a late reply to an abandoned request
             return
         if message["kind"] == m.HELLO:
             worker.pid, worker.host, worker.hello = message["pid"], message["host"], message
