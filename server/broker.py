@@ -154,6 +154,9 @@ class Broker:
             if record is not None and record.lessee == trainer:
                 record.forwarded += 1
                 self._send([target, *frames])
+            else:  # never leased to it, lost, or the broker restarted: the trainer must not wait for a reply
+                reason = "is not leased to this trainer (lost, or the broker restarted)"
+                self._send([trainer, target, *pack(m.make(m.LOST, 0, reason=reason))])
             return
         rid = 0
         try:

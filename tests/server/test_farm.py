@@ -302,3 +302,23 @@ def test_status_shows_workers_slots_and_leases(farm):
         envs.close()
     silent = subprocess.run([sys.executable, "-m", "envfarm", "status", "--broker", "tcp://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
     assert silent.returncode == 1 and "no answer from the broker" in silent.stderr
+
+
+def test_a_broker_restart_is_reported_not_waited_for():
+    for broker, _ in start_farm(2, 2, dead_after=2.5):
+        envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, shared_memory=False)
+        envs.reset(seed=0)
+        broker.stop()  # the broker goes away and comes back on the same port, knowing nothing
+        time.sleep(0.5)
+        again = Broker(broker.endpoint, dead_after=2.5)
+        thread = threading.Thread(target=again.serve, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(envfarm.WorkerDiedError, match="is not leased to this trainer"):
+                for _ in range(100):
+                    envs.step(envs.action_space.sample())
+            assert wait_until(lambda: len(again.workers) == 2, 15), "the workers did not register with the new broker"
+        finally:
+            envs.close()
+            again.stop()
+            thread.join(5)
