@@ -322,3 +322,23 @@ def test_a_broker_restart_is_reported_not_waited_for():
             envs.close()
             again.stop()
             thread.join(5)
+
+
+def test_an_oversized_frame_is_refused_and_the_broker_goes_on(farm):
+    from envfarm.server.broker import MAX_MESSAGE_BYTES
+
+    context = zmq.Context()
+    peer = context.socket(zmq.DEALER)
+    peer.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + b"huge")
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(farm.endpoint)
+    try:
+        peer.send_multipart([b"", bytes(MAX_MESSAGE_BYTES + 1)])  # libzmq drops this peer's connection
+        time.sleep(1)
+    finally:
+        peer.close()
+        context.term()
+    envs = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
+    envs.reset(seed=0)
+    envs.step(envs.action_space.sample())
+    envs.close()

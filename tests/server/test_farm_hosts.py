@@ -101,3 +101,49 @@ def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
             process.wait(10)
         broker.stop()
         thread.join(5)
+
+
+def test_two_trainers_and_a_restart_across_hosts(hosts):
+    (ns_a, _), (ns_b, _) = hosts
+    broker = Broker("tcp://0.0.0.0:0", dead_after=2.5)
+    port = broker.endpoint.rsplit(":", 1)[1]
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    worker = f"{sys.executable} -m envfarm worker --slots 2 --broker"
+    processes = [  # two workers on host a (own /dev/shm), two on host b
+        subprocess.Popen(["ip", "netns", "exec", ns_a, "unshare", "-m", "sh", "-c",
+                          f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {worker} tcp://10.231.{SUBNET}.1:{port}"],
+                         stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ] + [
+        subprocess.Popen(["ip", "netns", "exec", ns_b, *worker.split(), f"tcp://10.232.{SUBNET}.1:{port}"], stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    farm = f"tcp://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: len(broker.workers) == 4, 30), "the workers did not register"
+        first = envfarm.make_vec("CartPole-v1", 2, broker=farm, on_failure="restart", shared_memory=False)
+        second = envfarm.make_vec("CartPole-v1", 2, broker=farm)
+        try:
+            assert {w.identity for w in first._workers}.isdisjoint(w.identity for w in second._workers)
+            first.reset(seed=0)
+            second.reset(seed=1)
+            os.kill(first._workers[0].pid, 9)  # kill -9 the first trainer's worker host process
+            restarted = False
+            deadline = time.monotonic() + 15
+            while not restarted and time.monotonic() < deadline:
+                _, _, _, truncated, info = first.step(first.action_space.sample())
+                second.step(second.action_space.sample())  # the other trainer is not disturbed
+                restarted = "envfarm_restarted" in info
+            assert restarted and truncated.all()
+            for _ in range(20):
+                first.step(first.action_space.sample())
+        finally:
+            first.close()
+            second.close()
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(10)
+        broker.stop()
+        thread.join(5)
