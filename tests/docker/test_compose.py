@@ -1,0 +1,73 @@
+"""`docker-compose up` of the farm, used by a trainer on this host, for real.
+
+Runs where ENVFARM_DOCKER_TESTS=1 (CI sets it where a Docker engine answers). The base image is
+made from Debian's packages by docker/build-base.sh and cached, as no registry can be pulled from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from polling import wait_until
+
+import envfarm
+from envfarm.status import query
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.skipif(os.environ.get("ENVFARM_DOCKER_TESTS") != "1", reason="set ENVFARM_DOCKER_TESTS=1 to run the Docker tests")
+
+
+def compose(project: str, environment: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["docker-compose", "-p", project, *args], cwd=ROOT, env={**os.environ, **environment},
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker():
+    if not shutil.which("docker-compose"):
+        pytest.skip("docker-compose is not installed")
+    base = subprocess.run([os.path.join(ROOT, "docker", "build-base.sh")], capture_output=True, text=True, timeout=900)
+    if base.returncode == 3:
+        pytest.skip(base.stderr.strip())
+    assert base.returncode == 0, base.stderr[-2000:]
+    project, port = f"eftest{os.getpid()}", str(20000 + os.getpid() % 20000)
+    environment = {"ENVFARM_BASE": base.stdout.strip(), "ENVFARM_OFFLINE": "1", "ENVFARM_PORT": port}
+    broker = f"tcp://127.0.0.1:{port}"
+    try:
+        built = compose(project, environment, "up", "-d", "--build", "--scale", "worker=2")
+        assert built.returncode == 0, built.stderr[-2000:]
+        assert wait_until(lambda: _workers(broker) == 2, 60), "the workers did not register"
+        envs = envfarm.make_vec("CartPole-v1", 4, broker=broker, on_failure="restart")
+        try:
+            envs.reset(seed=0)
+            for _ in range(2000):
+                envs.step(envs.action_space.sample())
+            subprocess.run(["docker", "kill", envs._workers[0].host], check=True, capture_output=True)  # its container
+            start, restarted = time.monotonic(), False
+            while not restarted and time.monotonic() - start < 20:
+                _, _, _, truncated, info = envs.step(envs.action_space.sample())
+                restarted = "envfarm_restarted" in info
+            assert restarted and truncated.all(), "the killed worker's envs were not restarted"
+            for _ in range(500):
+                envs.step(envs.action_space.sample())
+        finally:
+            envs.close()
+    finally:
+        down = compose(project, environment, "down", "-v", "--remove-orphans")
+        assert down.returncode == 0, down.stderr[-2000:]
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
+    networks = subprocess.run(["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
+    volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
+    assert left.stdout.strip() == networks.stdout.strip() == volumes.stdout.strip() == ""
+
+
+def _workers(broker: str) -> int:
+    try:
+        return len(query(broker, timeout=1.0)["workers"])
+    except TimeoutError:
+        return -1
