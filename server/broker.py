@@ -114,10 +114,12 @@ class Broker:
                 self._from_trainer(sender, frames[0].bytes, frames[1:])
 
     def _send(self, frames: list[Any]) -> None:
+        # Never blocks: a peer that is gone (EHOSTUNREACH) or does not read (its queue is full:
+        # EAGAIN, e.g. a frozen trainer) loses the message instead of stalling the whole farm.
         try:
-            self.socket.send_multipart(frames, copy=False)
-        except zmq.ZMQError as e:  # the peer is gone: nothing to deliver to
-            if e.errno != zmq.EHOSTUNREACH:
+            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
 
     def _declare_lost(self, silent_since: float) -> None:
