@@ -13,7 +13,7 @@ import secrets
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -40,7 +40,6 @@ class WorkerHandle:
     channel: bool = False  # talks through the trainer's shared-memory channel, not the socket
     inline: Any = None  # a RequestHandler run in the trainer's own process (inline_worker=True)
     dead: str = ""  # why, once it is known to be gone
-    hello: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         if not self.env_ids:
@@ -169,6 +168,13 @@ class Router:
     def _died(self, worker: WorkerHandle) -> WorkerDiedError:
         return WorkerDiedError(f"envfarm {worker.describe()} {worker.dead}; its envs are lost", worker)
 
+    def ask(self, kind: str, requests: dict[WorkerHandle, dict[str, Any]], timeout: float | None) -> dict[WorkerHandle, dict[str, Any]]:
+        """Sends each worker its request of `kind` (the fields given), then waits for every reply."""
+        rid = self.new_rid()
+        for worker, fields in requests.items():
+            self.send(worker, m.make(kind, rid, **fields))
+        return self.gather(rid, list(requests), timeout)
+
     def gather(self, rid: int, workers: list[WorkerHandle], timeout: float | None) -> dict[WorkerHandle, dict[str, Any]]:
         """Waits for the reply with id `rid` from each of `workers`.
 
@@ -290,7 +296,7 @@ class Router:
         if pending.get(worker) != message["rid"]:  # a late reply to an abandoned request
             return
         if message["kind"] == m.HELLO:
-            worker.pid, worker.host, worker.hello = message["pid"], message["host"], message
+            worker.pid, worker.host = message["pid"], message["host"]
         replies[worker] = message
         del pending[worker]
 

@@ -191,14 +191,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 self._router.add(worker)
             self._router.gather(0, [w for w in self._workers if w.inline is None], timeout)  # each says HELLO with rid 0
 
-        rid = self._router.new_rid()
-        for worker in self._workers:
-            if self._remote_env is not None:
-                source = self._remote_env
-            else:
-                source = {"env_fns": cloudpickle.dumps(self.env_fns[worker.env_ids.start : worker.env_ids.stop])}
-            self._router.send(worker, m.make(m.CREATE, rid, envs=list(worker.env_ids), source=source, autoreset_mode=self.autoreset_mode.value))
-        created = self._replies(self._router.gather(rid, self._workers, timeout))
+        created = self._replies(self._router.ask(m.CREATE, {worker: self._create_fields(worker) for worker in self._workers}, timeout))
         self._raise_errors(created)
         obs_spaces, action_spaces = [], []
         for _, reply in created:
@@ -216,11 +209,11 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         channels = self._make_channels() if self.shared_memory else None
         if buffer.descriptor is None and channels is None:
             return
-        rid = self._router.new_rid()
+        requests = {}
         for worker in self._workers:
             channel = None if channels is None or worker.inline is not None else {**channels.descriptor(worker.index), "spin": WORKER_SPIN_SECONDS}
-            self._router.send(worker, m.make(m.ATTACH, rid, obs=buffer.descriptor, channel=channel))
-        for worker, reply in self._replies(self._router.gather(rid, self._workers, timeout)):
+            requests[worker] = {"obs": buffer.descriptor, "channel": channel}
+        for worker, reply in self._replies(self._router.ask(m.ATTACH, requests, timeout)):
             attached = reply["kind"] == m.ATTACHED
             worker.shared_memory = attached and reply["obs"]
             worker.channel = attached and reply["channel"]
@@ -230,13 +223,19 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         if channels is not None:
             self._router.use_channels(channels)
 
+    def _create_fields(self, worker: WorkerHandle) -> dict[str, Any]:
+        """CREATE for a worker's block: farm workers get the env id, local ones the pickled env_fns."""
+        if self._remote_env is not None:
+            source = self._remote_env
+        else:
+            source = {"env_fns": cloudpickle.dumps(self.env_fns[worker.env_ids.start : worker.env_ids.stop])}
+        return {"envs": list(worker.env_ids), "source": source, "autoreset_mode": self.autoreset_mode.value}
+
     def _lease(self, timeout: float) -> None:
         """Leases workers from the broker and gives each a contiguous block of envs, up to its slots."""
         self._router.add(self._broker)
-        rid = self._router.new_rid()
-        self._router.send(self._broker, m.make(m.LEASE, rid, envs=self.num_envs))
         try:
-            reply = self._router.gather(rid, [self._broker], timeout)[self._broker]
+            reply = self._router.ask(m.LEASE, {self._broker: {"envs": self.num_envs}}, timeout)[self._broker]
         except multiprocessing.TimeoutError:
             raise multiprocessing.TimeoutError(
                 f"no reply from the broker at {self.broker} within {timeout} s: is it running, and if it uses "
@@ -544,14 +543,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             rid, targets = self._pending
             self._router.gather(rid, targets, timeout)
         if self._broker is not None:  # the broker tells the workers to close their envs
-            rid = self._router.new_rid()
-            self._router.send(self._broker, m.make(m.RELEASE, rid))
-            self._router.gather(rid, [self._broker], timeout)
+            self._router.ask(m.RELEASE, {self._broker: {}}, timeout)
             return
-        rid = self._router.new_rid()
-        for worker in self._workers:
-            self._router.send(worker, m.make(m.CLOSE, rid))
-        for worker, reply in self._replies(self._router.gather(rid, self._workers, timeout)):
+        for worker, reply in self._replies(self._router.ask(m.CLOSE, {worker: {} for worker in self._workers}, timeout)):
             for env_id, error in reply.get("errors", []):
                 logger.warn(f"envfarm: env {env_id} raised in close(): {ErrorInfo.from_data(error).message}")
         deadline = time.monotonic() + timeout
@@ -611,24 +605,19 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         if len(self._restarts) >= RESTARTS_PER_MINUTE:
             raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; not restarted: {RESTARTS_PER_MINUTE} restarts in the last minute already", lost)
         self._restarts.append(now)
-        rid = self._router.new_rid()
-        self._router.send(self._broker, m.make(m.LEASE, rid, envs=len(lost.env_ids), add=True))
-        reply = self._router.gather(rid, [self._broker], DEFAULT_STARTUP_TIMEOUT)[self._broker]
+        reply = self._router.ask(m.LEASE, {self._broker: {"envs": len(lost.env_ids), "add": True}}, DEFAULT_STARTUP_TIMEOUT)[self._broker]
         if reply["kind"] == m.ERROR:
             raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; no capacity left to restart it: {ErrorInfo.from_data(reply['error']).message}", lost)
         identity, slots, host, pid = reply["workers"][0]
         worker = WorkerHandle(lost.index, identity, lost.env_ids, pid=pid, host=host)
         self._router.add(worker)
         self._workers[self._workers.index(lost)] = worker
-        source = {"env_id": self._remote_env["env_id"], "kwargs": self._remote_env["kwargs"]}
         for kind, fields in (
-            (m.CREATE, {"envs": list(worker.env_ids), "source": source, "autoreset_mode": self.autoreset_mode.value}),
+            (m.CREATE, self._create_fields(worker)),
             (m.ATTACH, {"obs": self._buffer.descriptor, "channel": None}),
             (m.RESET, {"envs": list(worker.env_ids), "seeds": [None] * len(worker.env_ids), "options": None}),
         ):
-            rid = self._router.new_rid()
-            self._router.send(worker, m.make(kind, rid, **fields))
-            reply = self._router.gather(rid, [worker], DEFAULT_STARTUP_TIMEOUT)[worker]
+            reply = self._router.ask(kind, {worker: fields}, DEFAULT_STARTUP_TIMEOUT)[worker]
             if kind == m.ATTACH:
                 worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
             else:

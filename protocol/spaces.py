@@ -99,6 +99,11 @@ def leaves(space: spaces.Space) -> list[spaces.Space]:
     return [space]
 
 
+def is_nested(space: spaces.Space) -> bool:
+    """Whether the space has sub-spaces (a Dict or Tuple), i.e. is more than its one leaf."""
+    return isinstance(space, (spaces.Dict, spaces.Tuple))
+
+
 def is_fixed(leaf: spaces.Space) -> bool:
     return isinstance(leaf, FIXED_LEAVES)
 

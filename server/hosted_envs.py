@@ -36,7 +36,7 @@ class HostedEnvs:
         self.obs_rows: list[np.ndarray | None] = [
             np.zeros((count, *leaf.shape), leaf.dtype) if space_codec.is_fixed(leaf) else None for leaf in self.leaf_spaces
         ]
-        self.obs_in_shared_memory = False
+        self.in_shared_memory = False
         self.action_rows: list[np.ndarray | None] = [None] * len(space_codec.leaves(self.envs[0].action_space))
         self.rewards = np.zeros(count, np.float64)
         self.terminations = np.zeros(count, np.bool_)
@@ -45,15 +45,15 @@ class HostedEnvs:
         self.failed = np.zeros(count, np.bool_)
         self._value_leaves: list[list[Any]] = [[None] * count for _ in self.leaf_spaces]
         self._action_space = self.envs[0].action_space
-        self._nested_obs = len(self.leaf_spaces) > 1 or self.leaf_spaces[0] is not self.observation_space
-        self._nested_action = len(space_codec.leaves(self._action_space)) > 1 or space_codec.leaves(self._action_space)[0] is not self._action_space
+        self._nested_obs = space_codec.is_nested(self.observation_space)
+        self._nested_action = space_codec.is_nested(self._action_space)
 
     def use_shared_memory(self, views: dict[str, Any]) -> None:
         """Reads actions from and writes results into these (K, ...) views of the trainer's batch buffer."""
         self.obs_rows = views["obs"]
         self.action_rows = views["actions"]
         self.rewards, self.terminations, self.truncations = views["rewards"], views["terminated"], views["truncated"]
-        self.obs_in_shared_memory = True
+        self.in_shared_memory = True
 
     def _store_obs(self, i: int, obs: Any) -> None:
         leaf_values = space_codec.split(self.observation_space, obs) if self._nested_obs else (obs,)
@@ -70,33 +70,35 @@ class HostedEnvs:
         leaf = action_leaves[0]
         return self.action_rows[0][i] if leaf is None else leaf[row]
 
-    def _obs_payload(self, local: Sequence[int] | slice) -> list[Any]:
+    def _obs_payload(self, local: list[int] | slice, positions: Sequence[int]) -> list[Any]:
         """Per leaf: the rows that travel as frames, or None where they are already in shared memory."""
         payload = []
         for rows, values in zip(self.obs_rows, self._value_leaves):
             if rows is None:
-                payload.append(values[local] if isinstance(local, slice) else [values[i] for i in local])
+                payload.append([values[i] for i in positions])
             else:
-                payload.append(None if self.obs_in_shared_memory else rows[local])
+                payload.append(None if self.in_shared_memory else rows[local])
         return payload
 
     def _error(self, errors: EnvErrors, i: int, exc: BaseException) -> None:
         self.failed[i] = True
         errors.append([self.env_ids[i], ErrorInfo.from_exception(exc).to_data()])
 
-    def _positions(self, env_ids: Sequence[int]) -> list[int] | slice:
-        """Where these global env ids sit in this worker: a slice when they are all of them."""
+    def _positions(self, env_ids: Sequence[int]) -> tuple[list[int] | slice, Sequence[int]]:
+        """Where these global env ids sit in this worker, as an index (a slice when they are all of
+        them, so that arrays are sliced, not copied) and as positions to loop over."""
         if len(env_ids) == len(self.env_ids) and list(env_ids) == self.env_ids:
-            return slice(None)
+            return slice(None), range(len(self.envs))
         try:
-            return [self._position[env_id] for env_id in env_ids]
+            positions = [self._position[env_id] for env_id in env_ids]
         except KeyError as e:
             raise ValueError(f"env {e.args[0]} is not hosted by this worker (it hosts {self.env_ids})") from None
+        return positions, positions
 
     def reset(self, env_ids: Sequence[int], seeds: Sequence[int | None], options: dict | None) -> dict[str, Any]:
-        local = self._positions(env_ids)
+        local, positions = self._positions(env_ids)
         infos, errors = [], []
-        for i, seed in zip(range(len(self.envs))[local] if isinstance(local, slice) else local, seeds):
+        for i, seed in zip(positions, seeds):
             self.terminations[i] = self.truncations[i] = self.autoreset[i] = False
             try:
                 obs, info = self.envs[i].reset(seed=seed, options=options)
@@ -106,13 +108,13 @@ class HostedEnvs:
                 self._error(errors, i, exc)
                 info = {}
             infos.append(info)
-        return {"envs": list(env_ids), "obs": self._obs_payload(local), "infos": infos, "errors": errors}
+        return {"envs": list(env_ids), "obs": self._obs_payload(local, positions), "infos": infos, "errors": errors}
 
     def step(self, env_ids: Sequence[int], action_leaves: list[Any]) -> dict[str, Any]:
         """Steps the envs `env_ids` (all or some of this worker's); row j of each action leaf is env_ids[j]'s."""
-        local = self._positions(env_ids)
+        local, positions = self._positions(env_ids)
         infos, errors = [], []
-        for row, i in enumerate(range(len(self.envs))[local] if isinstance(local, slice) else local):
+        for row, i in enumerate(positions):
             info: dict[str, Any] = {}
             try:
                 if self.failed[i]:
@@ -126,13 +128,13 @@ class HostedEnvs:
                 self.rewards[i], self.terminations[i], self.truncations[i] = 0.0, False, False
             infos.append(info)
         self.autoreset[local] = self.terminations[local] | self.truncations[local]
-        shared = self.obs_in_shared_memory
+        shared = self.in_shared_memory
         return {
             "envs": list(env_ids),
             "rewards": None if shared else self.rewards[local],
             "terminated": None if shared else self.terminations[local],
             "truncated": None if shared else self.truncations[local],
-            "obs": self._obs_payload(local),
+            "obs": self._obs_payload(local, positions),
             "infos": infos,
             "errors": errors,
         }

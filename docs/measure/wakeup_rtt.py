@@ -7,7 +7,6 @@ memory with and without spinning. Why envfarm's same-host channel exists (docs/b
 import ctypes
 import mmap
 import os
-import struct
 import time
 
 import zmq
