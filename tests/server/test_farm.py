@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import gymnasium as gym
@@ -14,37 +14,18 @@ import numpy as np
 import pytest
 import zmq
 from compare import assert_same
+from farms import running_broker, start_farm
 from polling import wait_until
 
 import envfarm
 from envfarm.protocol import messages as m
-from envfarm.protocol.packing import pack, unpack
-from envfarm.server.broker import Broker
-
-
-def start_farm(workers: int, slots: int, dead_after: float = 5.0):
-    """A broker in a thread and worker processes on 127.0.0.1, registered; yields (broker, workers)."""
-    broker = Broker("tcp://127.0.0.1:0", dead_after=dead_after)
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
-    command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", str(slots)]
-    processes = [subprocess.Popen(command, stderr=subprocess.DEVNULL) for _ in range(workers)]
-    try:
-        assert wait_until(lambda: len(broker.workers) == workers, 30), "workers did not register"
-        yield broker, processes
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGCONT)
-            process.kill()
-            process.wait(10)
-        broker.stop()
-        thread.join(5)
+from envfarm.protocol.packing import unpack
 
 
 @pytest.fixture
 def farm():
     """Three 4-slot workers."""
-    for broker, _ in start_farm(3, 4):
+    with start_farm(3, 4) as (broker, _):
         yield broker
 
 
@@ -123,7 +104,8 @@ def test_malformed_frames_do_not_hurt_the_broker(farm):
 @pytest.fixture
 def quick_farm():
     """Two 2-slot workers, declared lost after 2.5 s of silence; yields (broker, worker processes)."""
-    yield from start_farm(2, 2, dead_after=2.5)
+    with start_farm(2, 2, dead_after=2.5) as farm:
+        yield farm
 
 
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "freeze"])
@@ -162,28 +144,13 @@ def test_a_frozen_worker_that_comes_back_registers_again(quick_farm):
 
 
 def test_a_worker_builds_only_the_envs_it_allows():
-    broker = Broker("tcp://127.0.0.1:0")
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2", "--allow", "Pendulum-*"],
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not broker.workers and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with start_farm(1, 2, "--allow", "Pendulum-*") as (broker, _):
         with pytest.raises(Exception, match=r"'CartPole-v1' is not allowed on this worker \(--allow Pendulum-\*\)"):
             envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint)
         envs = envfarm.make_vec("Pendulum-v1", 2, broker=broker.endpoint)
         envs.reset(seed=0)
         envs.step(envs.action_space.sample())
         envs.close()
-    finally:
-        worker.kill()
-        worker.wait(10)
-        broker.stop()
-        thread.join(5)
 
 
 def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
@@ -196,34 +163,16 @@ def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
         clients.mkdir(exist_ok=True)
         (clients / f"{name}.key").write_bytes(open(public, "rb").read())
     keygen(str(tmp_path), "stranger")
-    broker = Broker("tcp://127.0.0.1:0", curve=(str(tmp_path / "broker.key_secret"), str(clients)))
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2",
-         "--curve-secret", str(tmp_path / "worker.key_secret"), "--broker-key", str(tmp_path / "broker.key")],
-        stderr=subprocess.DEVNULL,
-    )
     broker_key = str(tmp_path / "broker.key")
-    try:
-        deadline = time.monotonic() + 30
-        while not broker.workers and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert broker.workers, "the listed worker was not admitted"
+    worker_curve = ("--curve-secret", str(tmp_path / "worker.key_secret"), "--broker-key", broker_key)
+    with start_farm(1, 2, *worker_curve, curve=(str(tmp_path / "broker.key_secret"), str(clients))) as (broker, _):
         envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, curve=(str(tmp_path / "trainer.key_secret"), broker_key))
         envs.reset(seed=0)
         envs.step(envs.action_space.sample())
         envs.close()
-        import multiprocessing
-
         for curve in ((str(tmp_path / "stranger.key_secret"), broker_key), None):  # unlisted, then plaintext
             with pytest.raises(multiprocessing.TimeoutError, match="is this trainer's public key among its clients"):
                 envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, curve=curve, startup_timeout=2)
-    finally:
-        worker.kill()
-        worker.wait(10)
-        broker.stop()
-        thread.join(5)
 
 
 def test_restart_policy_rebuilds_lost_envs_on_a_spare_worker(farm):
@@ -305,23 +254,19 @@ def test_status_shows_workers_slots_and_leases(farm):
 
 
 def test_a_broker_restart_is_reported_not_waited_for():
-    for broker, _ in start_farm(2, 2, dead_after=2.5):
+    with start_farm(2, 2, dead_after=2.5) as (broker, _):
         envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, shared_memory=False)
-        envs.reset(seed=0)
-        broker.stop()  # the broker goes away and comes back on the same port, knowing nothing
-        time.sleep(0.5)
-        again = Broker(broker.endpoint, dead_after=2.5)
-        thread = threading.Thread(target=again.serve, daemon=True)
-        thread.start()
         try:
-            with pytest.raises(envfarm.WorkerDiedError, match="is not leased to this trainer"):
-                for _ in range(100):
-                    envs.step(envs.action_space.sample())
-            assert wait_until(lambda: len(again.workers) == 2, 15), "the workers did not register with the new broker"
+            envs.reset(seed=0)
+            broker.stop()  # the broker goes away and comes back on the same port, knowing nothing
+            time.sleep(0.5)
+            with running_broker(broker.endpoint, dead_after=2.5) as again:
+                with pytest.raises(envfarm.WorkerDiedError, match="is not leased to this trainer"):
+                    for _ in range(100):
+                        envs.step(envs.action_space.sample())
+                assert wait_until(lambda: len(again.workers) == 2, 15), "the workers did not register with the new broker"
         finally:
             envs.close()
-            again.stop()
-            thread.join(5)
 
 
 def test_an_oversized_frame_is_refused_and_the_broker_goes_on(farm):

@@ -8,17 +8,16 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import gymnasium as gym
 import numpy as np
 import pytest
 from compare import assert_same
+from farms import running_broker, workers_of
 from polling import wait_until
 
 import envfarm
-from envfarm.server.broker import Broker
 
 SUBNET = 40 + os.getpid() % 150  # 10.231.SUBNET.0/24 and 10.232.SUBNET.0/24: one run's own addresses
 
@@ -55,95 +54,72 @@ def hosts():
         subprocess.run(["ip", "link", "del", here], capture_output=True)
 
 
+def remote_worker(namespace: str, port: str) -> list[str]:
+    """A worker on host a: its own network and its own /dev/shm."""
+    worker = f"{sys.executable} -m envfarm worker --slots 2 --broker tcp://10.231.{SUBNET}.1:{port}"
+    return ["ip", "netns", "exec", namespace, "unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {worker}"]
+
+
+def same_host_worker(namespace: str, port: str) -> list[str]:
+    """A worker on host b: its own network, but this host's memory."""
+    return ["ip", "netns", "exec", namespace, sys.executable, "-m", "envfarm", "worker", "--slots", "2", "--broker", f"tcp://10.232.{SUBNET}.1:{port}"]
+
+
 def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
     (ns_a, link_a), (ns_b, _) = hosts
-    broker = Broker("tcp://0.0.0.0:0", dead_after=2.5)
-    port = broker.endpoint.rsplit(":", 1)[1]
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
-    worker = [sys.executable, "-m", "envfarm", "worker", "--slots", "2", "--broker"]
-    remote = subprocess.Popen(  # host a: its own network and its own /dev/shm
-        ["ip", "netns", "exec", ns_a, "unshare", "-m", "sh", "-c",
-         f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {' '.join(worker)} tcp://10.231.{SUBNET}.1:{port}"],
-        stderr=subprocess.DEVNULL,
-    )
-    same_host = subprocess.Popen(["ip", "netns", "exec", ns_b, *worker, f"tcp://10.232.{SUBNET}.1:{port}"], stderr=subprocess.DEVNULL)
-    try:
-        assert wait_until(lambda: len(broker.workers) == 2, 30), "the workers did not register across the namespaces"
-        envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
-        sync = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
-        try:
-            by_pid = {w.pid: w for w in envs._workers}
-            assert by_pid[remote.pid].shared_memory is False  # the nonce probe failed: observations on the wire
-            assert by_pid[same_host.pid].shared_memory is True  # same memory, other network: shared memory
-            assert_same(sync.reset(seed=9), envs.reset(seed=9))
-            for actions in np.random.default_rng(1).integers(0, 2, (200, 4)):
-                assert_same(sync.step(actions), envs.step(actions))
+    with running_broker("tcp://0.0.0.0:0", dead_after=2.5) as broker:
+        port = broker.endpoint.rsplit(":", 1)[1]
+        with workers_of(broker, [remote_worker(ns_a, port), same_host_worker(ns_b, port)]) as (remote, same_host):
+            envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
+            sync = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
+            try:
+                by_pid = {w.pid: w for w in envs._workers}
+                assert by_pid[remote.pid].shared_memory is False  # the nonce probe failed: observations on the wire
+                assert by_pid[same_host.pid].shared_memory is True  # same memory, other network: shared memory
+                assert_same(sync.reset(seed=9), envs.reset(seed=9))
+                for actions in np.random.default_rng(1).integers(0, 2, (200, 4)):
+                    assert_same(sync.step(actions), envs.step(actions))
 
-            sh("ip", "link", "set", link_a, "down")  # cut host a off
-            start = time.monotonic()
-            with pytest.raises(envfarm.WorkerDiedError, match=rf"pid {remote.pid}.*was silent for more than 2.5 s"):
-                while True:
-                    envs.step(envs.action_space.sample())
-            assert time.monotonic() - start < 6
-        finally:
+                sh("ip", "link", "set", link_a, "down")  # cut host a off
+                start = time.monotonic()
+                with pytest.raises(envfarm.WorkerDiedError, match=rf"pid {remote.pid}.*was silent for more than 2.5 s"):
+                    while True:
+                        envs.step(envs.action_space.sample())
+                assert time.monotonic() - start < 6
+            finally:
+                envs.close()
+                sync.close()
+            sh("ip", "link", "set", link_a, "up")  # heal: host a's worker comes back and registers again
+            assert wait_until(lambda: len(broker.workers) == 2, 20), "the cut-off worker did not come back"
+            envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
+            envs.reset(seed=0)
+            envs.step(envs.action_space.sample())
             envs.close()
-            sync.close()
-        sh("ip", "link", "set", link_a, "up")  # heal: host a's worker comes back and registers again
-        assert wait_until(lambda: len(broker.workers) == 2, 20), "the cut-off worker did not come back"
-        envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
-        envs.reset(seed=0)
-        envs.step(envs.action_space.sample())
-        envs.close()
-    finally:
-        for process in (remote, same_host):
-            process.kill()
-            process.wait(10)
-        broker.stop()
-        thread.join(5)
 
 
 def test_two_trainers_and_a_restart_across_hosts(hosts):
     (ns_a, _), (ns_b, _) = hosts
-    broker = Broker("tcp://0.0.0.0:0", dead_after=2.5)
-    port = broker.endpoint.rsplit(":", 1)[1]
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
-    worker = f"{sys.executable} -m envfarm worker --slots 2 --broker"
-    processes = [  # two workers on host a (own /dev/shm), two on host b
-        subprocess.Popen(["ip", "netns", "exec", ns_a, "unshare", "-m", "sh", "-c",
-                          f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {worker} tcp://10.231.{SUBNET}.1:{port}"],
-                         stderr=subprocess.DEVNULL)
-        for _ in range(2)
-    ] + [
-        subprocess.Popen(["ip", "netns", "exec", ns_b, *worker.split(), f"tcp://10.232.{SUBNET}.1:{port}"], stderr=subprocess.DEVNULL)
-        for _ in range(2)
-    ]
-    farm = f"tcp://127.0.0.1:{port}"
-    try:
-        assert wait_until(lambda: len(broker.workers) == 4, 30), "the workers did not register"
-        first = envfarm.make_vec("CartPole-v1", 2, broker=farm, on_failure="restart", shared_memory=False)
-        second = envfarm.make_vec("CartPole-v1", 2, broker=farm)
-        try:
-            assert {w.identity for w in first._workers}.isdisjoint(w.identity for w in second._workers)
-            first.reset(seed=0)
-            second.reset(seed=1)
-            os.kill(first._workers[0].pid, 9)  # kill -9 the first trainer's worker host process
-            restarted = False
-            deadline = time.monotonic() + 15
-            while not restarted and time.monotonic() < deadline:
-                _, _, _, truncated, info = first.step(first.action_space.sample())
-                second.step(second.action_space.sample())  # the other trainer is not disturbed
-                restarted = "envfarm_restarted" in info
-            assert restarted and truncated.all()
-            for _ in range(20):
-                first.step(first.action_space.sample())
-        finally:
-            first.close()
-            second.close()
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait(10)
-        broker.stop()
-        thread.join(5)
+    with running_broker("tcp://0.0.0.0:0", dead_after=2.5) as broker:
+        port = broker.endpoint.rsplit(":", 1)[1]
+        commands = [remote_worker(ns_a, port)] * 2 + [same_host_worker(ns_b, port)] * 2
+        with workers_of(broker, commands):
+            farm = f"tcp://127.0.0.1:{port}"
+            first = envfarm.make_vec("CartPole-v1", 2, broker=farm, on_failure="restart", shared_memory=False)
+            second = envfarm.make_vec("CartPole-v1", 2, broker=farm)
+            try:
+                assert {w.identity for w in first._workers}.isdisjoint(w.identity for w in second._workers)
+                first.reset(seed=0)
+                second.reset(seed=1)
+                os.kill(first._workers[0].pid, 9)  # kill -9 the first trainer's worker host process
+                restarted = False
+                deadline = time.monotonic() + 15
+                while not restarted and time.monotonic() < deadline:
+                    _, _, _, truncated, info = first.step(first.action_space.sample())
+                    second.step(second.action_space.sample())  # the other trainer is not disturbed
+                    restarted = "envfarm_restarted" in info
+                assert restarted and truncated.all()
+                for _ in range(20):
+                    first.step(first.action_space.sample())
+            finally:
+                first.close()
+                second.close()

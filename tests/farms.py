@@ -1,0 +1,49 @@
+"""Farms for the tests: a broker in a thread, and worker processes registered with it."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any, Iterator
+
+from polling import wait_until
+
+from envfarm.server.broker import Broker
+
+
+@contextlib.contextmanager
+def running_broker(bind: str = "tcp://127.0.0.1:0", **options: Any) -> Iterator[Broker]:
+    broker = Broker(bind, **options)
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def workers_of(broker: Broker, commands: list[list[str]]) -> Iterator[list[subprocess.Popen]]:
+    """Starts one worker process per command, waits until all registered, kills them afterwards."""
+    processes = [subprocess.Popen(command, stderr=subprocess.DEVNULL) for command in commands]
+    try:
+        assert wait_until(lambda: len(broker.workers) >= len(commands), 30), "workers did not register"
+        yield processes
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait(10)
+
+
+@contextlib.contextmanager
+def start_farm(workers: int, slots: int, *worker_options: str, **broker_options: Any) -> Iterator[tuple[Broker, list[subprocess.Popen]]]:
+    """A broker on 127.0.0.1 and `workers` local worker processes of `slots` slots each."""
+    with running_broker(**broker_options) as broker:
+        command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", str(slots), *worker_options]
+        with workers_of(broker, [command] * workers) as processes:
+            yield broker, processes
