@@ -1,9 +1,11 @@
-"""The embedded broker role: one ROUTER socket, fan-out of requests and gathering of replies.
+"""The trainer's side of the data path: one ROUTER socket, fan-out of requests and gathering of replies.
 
-Every request gets a fresh id; a reply whose id is not the one being gathered is a late reply to
-an abandoned request and is dropped, never returned for the next call. While it waits, the router
-also watches each local worker process (its sentinel fd sits in the same poll as the socket), so
-a worker that dies is reported at once, by name, instead of being waited for.
+Workers connect to the router: local ones over ipc, farm workers over tcp once a broker has
+leased them to this trainer. Every request gets a fresh id; a reply whose id is not the one being
+gathered is a late reply to an abandoned request and is dropped, never returned for the next
+call. While it waits, the router watches each local worker process (its sentinel fd sits in the
+same poll as the socket) and each farm worker's heartbeats, so a worker that dies, freezes or is
+cut off is reported by name within a deadline instead of being waited for.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import secrets
 import signal
+import socket as sockets
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from typing import Any
 import zmq
 
 from envfarm.channel import TrainerChannels
-from envfarm.curve import secure_client
+from envfarm.curve import KeyPair, secure_client, secure_server
 from envfarm.client.errors import WorkerDiedError
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ProtocolError
@@ -40,6 +43,12 @@ class WorkerHandle:
     channel: bool = False  # talks through the trainer's shared-memory channel, not the socket
     inline: Any = None  # a RequestHandler run in the trainer's own process (inline_worker=True)
     dead: str = ""  # why, once it is known to be gone
+    last_heard: float = 0.0  # a farm worker: when its last message or heartbeat arrived
+
+    @property
+    def remote(self) -> bool:
+        """A farm worker: not started by this trainer, so known alive only by what it sends."""
+        return self.process is None and self.inline is None and self.identity != b""
 
     def describe(self) -> str:
         if not self.env_ids:
@@ -64,13 +73,15 @@ def _exit_reason(process: Any) -> str:
 
 
 _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
+_SILENCE_CHECK = 0.25  # seconds between looks at the farm workers' heartbeats while waiting
+_MAX_EARLY = 1024  # early HELLOs kept, at most
 
 
 class _Heartbeat(threading.Thread):
     """Tells the broker, from a socket of its own, that this trainer is alive, even while the
     trainer's thread is busy elsewhere (a broker releases the lease of a trainer gone silent)."""
 
-    def __init__(self, endpoint: str, identity: bytes, curve: tuple[str, str] | None):
+    def __init__(self, endpoint: str, identity: bytes, curve: tuple[KeyPair, bytes] | None):
         super().__init__(name="envfarm-heartbeat", daemon=True)
         self.endpoint, self.identity, self.curve = endpoint, identity, curve
         self._stopped = threading.Event()
@@ -86,9 +97,10 @@ class _Heartbeat(threading.Thread):
         socket.connect(self.endpoint)
         try:
             while not self._stopped.wait(m.HEARTBEAT_INTERVAL):
-                socket.send(m.HEARTBEAT_FRAME, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+                try:
+                    socket.send(m.HEARTBEAT_FRAME, zmq.NOBLOCK)
+                except zmq.Again:  # the broker is away; it hears from us again when it is back
+                    pass
         finally:
             socket.close(linger=0)
             context.term()
@@ -98,41 +110,74 @@ class _Heartbeat(threading.Thread):
         self.join(2)
 
 
+def farm_endpoint(broker: str, listen: str | None) -> tuple[str, str]:
+    """Where a trainer's data socket binds, and the host farm workers are told to connect to.
+
+    `listen` is "host" or "host:port"; by default, this host's address on its route to the broker
+    (which the workers reach too), and a free port.
+    """
+    host, port = listen or "", ""
+    if host.count(":") == 1:
+        host, port = host.split(":")
+    if not host and not broker.startswith("tcp://"):
+        host = "127.0.0.1"  # an ipc broker: the farm is on this host
+    elif not host:
+        with sockets.socket(sockets.AF_INET, sockets.SOCK_DGRAM) as probe:  # sends nothing: only picks the route
+            probe.connect((broker[len("tcp://") :].rsplit(":", 1)[0], 9))
+            host = probe.getsockname()[0]
+    return f"tcp://{sockets.gethostbyname(host)}:{port or '*'}", host
+
+
 class Router:
     """Sends requests to workers by ownership and gathers their replies by request id."""
 
-    def __init__(self, endpoint: str, *, trusted: bool, broker: bool = False, curve: tuple[str, str] | None = None):
-        """A ROUTER bound at `endpoint` that workers connect to, or (broker=True) a DEALER connected
-        to a broker at `endpoint`, which forwards [worker, *message] both ways: the same framing."""
+    def __init__(self, endpoint: str, *, trusted: bool, broker: str | None = None, advertise: str | None = None, curve: tuple[KeyPair, bytes] | None = None):
+        """A ROUTER bound at `endpoint` that workers connect to. With `broker`, a farm trainer:
+        a DEALER to the broker for leases (and a heartbeat thread), and workers reach the ROUTER
+        at `advertise` (host) and its port. `curve`: (this trainer's keys, the broker's public
+        key); the ROUTER then admits only the workers leased to it."""
         self.trusted = trusted
         self.context = zmq.Context()
-        self.via_broker = broker
-        if broker:
-            self.socket = self.context.socket(zmq.DEALER)
-            self.socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
-            self.socket.setsockopt(zmq.LINGER, 0)
-            self.socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
-            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-            if curve is not None:
-                secure_client(self.socket, *curve)
-            self.socket.connect(endpoint)
-            self._heartbeat = _Heartbeat(endpoint, self.socket.getsockopt(zmq.IDENTITY) + m.HEARTBEAT_SUFFIX, curve)
-        else:
-            self.socket = self.context.socket(zmq.ROUTER)
-            self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer must fail, not vanish
-            self.socket.setsockopt(zmq.LINGER, 0)
-            self.socket.bind(endpoint)
-        self.endpoint = endpoint
-        self.workers: dict[bytes, WorkerHandle] = {}
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer must fail, not vanish
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a farm worker that reconnects keeps its identity
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.admitted: set[bytes] = set()  # with curve: the public keys of the leased workers
+        self._authenticator = None
+        self.server_key: str | None = None
+        if broker is not None and curve is not None:
+            self._authenticator = secure_server(self.context, self.socket, curve[0], self.admitted.__contains__)
+            self.server_key = curve[0][0].decode()
+        self.socket.bind(endpoint)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        if advertise is not None:
+            self.endpoint = f"tcp://{advertise}:{self.endpoint.rsplit(':', 1)[1]}"
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
+        self.broker: zmq.Socket | None = None
+        self.dead_after: float | None = None  # set by the broker's lease: how long a farm worker may be silent
+        if broker is not None:
+            self.broker = self.context.socket(zmq.DEALER)
+            self.broker.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
+            self.broker.setsockopt(zmq.LINGER, 0)
+            self.broker.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
+            self.broker.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+            if curve is not None:
+                secure_client(self.broker, *curve)
+            self.broker.connect(broker)
+            self.poller.register(self.broker, zmq.POLLIN)
+            self._heartbeat = _Heartbeat(broker, self.broker.getsockopt(zmq.IDENTITY) + m.HEARTBEAT_SUFFIX, curve)
+        self.workers: dict[bytes, WorkerHandle] = {}
         self._sentinels: dict[int, WorkerHandle] = {}
         self._next_rid = 0
         self.channels: TrainerChannels | None = None
-        self._inline_replies: dict[WorkerHandle, dict[str, Any]] = {}
+        self._arrived: dict[WorkerHandle, dict[str, Any]] = {}  # replies that came by another way than the poll
+        self._early: dict[bytes, dict[str, Any]] = {}  # HELLOs of farm workers that beat their LEASED reply here
 
     def add(self, worker: WorkerHandle) -> None:
         self.workers[worker.identity] = worker
+        if worker.identity in self._early:
+            self._arrived[worker] = self._early.pop(worker.identity)
         if worker.process is not None:
             self._sentinels[worker.process.sentinel] = worker
             self.poller.register(worker.process.sentinel, zmq.POLLIN)
@@ -149,10 +194,13 @@ class Router:
         if worker.dead:
             raise self._died(worker)
         if worker.inline is not None:  # served right here, now: the other workers were sent theirs first
-            self._inline_replies[worker] = worker.inline.respond(message)
+            self._arrived[worker] = worker.inline.respond(message)
             return
         frames = pack(message, allow_pickle=self.trusted)
         if worker.channel and self.channels.send(worker.index, frames):
+            return
+        if worker.identity == b"":  # the broker
+            self.broker.send_multipart([b"", *frames], copy=False)
             return
         try:
             self.socket.send_multipart([worker.identity, *frames], copy=False)
@@ -212,22 +260,20 @@ class Router:
         for worker in pending:
             if worker.dead:
                 raise self._died(worker)
-        for worker in [worker for worker in pending if worker in self._inline_replies]:
-            self._accept(worker, self._inline_replies.pop(worker), pending, replies)
+        for worker in [worker for worker in pending if worker in self._arrived]:
+            self._accept(worker, self._arrived.pop(worker), pending, replies)
         self._collect_channels(pending, replies)
         if not pending or (replies and not wait_all):
             return True
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
-            for fd, _ in self.poller.poll(0):  # a last look at what already arrived
-                if fd is self.socket:
-                    self._drain(pending, replies)
-                else:
-                    self._on_exit(fd, pending, replies)
+            self._dispatch(self.poller.poll(0), pending, replies)  # a last look at what already arrived
             if not pending or (replies and not wait_all):
                 return True
             waiting = ", ".join(worker.describe() for worker in sorted(pending, key=lambda w: w.index))
             raise multiprocessing.TimeoutError(f"no reply within {timeout} s from {waiting}")
+        if self.dead_after is not None:  # wake up to notice a farm worker that has gone silent
+            remaining = _SILENCE_CHECK if remaining is None else min(remaining, _SILENCE_CHECK)
         on_channel = [worker.index for worker in pending if worker.channel]
         if on_channel:
             # Replies ring a futex; the socket (a reply too large for its slot) and the worker
@@ -236,12 +282,25 @@ class Router:
             events = self.poller.poll(0)
         else:
             events = self.poller.poll(None if remaining is None else int(remaining * 1000) + 1)
+        self._dispatch(events, pending, replies)
+        self._check_silence(pending)
+        return False
+
+    def _dispatch(self, events: list[tuple[Any, int]], pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         for fd, _ in events:
             if fd is self.socket:
                 self._drain(pending, replies)
+            elif fd is self.broker:
+                self._drain_broker(pending, replies)
             else:
                 self._on_exit(fd, pending, replies)
-        return False
+
+    def _check_silence(self, pending: dict[WorkerHandle, int]) -> None:
+        now = time.monotonic()
+        for worker in pending:
+            if worker.remote and self.dead_after is not None and now - worker.last_heard > self.dead_after:
+                worker.dead = f"was silent for more than {self.dead_after:g} s (killed, frozen, cut off, or stuck in one request)"
+                raise self._died(worker)
 
     def _collect_channels(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         for worker in [worker for worker in pending if worker.channel]:
@@ -269,13 +328,50 @@ class Router:
                 return
             worker = self.workers.get(identity.bytes)
             if worker is None:
-                continue  # not one of ours: ignore
+                self._keep_early_hello(identity.bytes, frames)
+                continue
+            worker.last_heard = time.monotonic()
+            if len(frames) == 1 and frames[0].bytes == m.HEARTBEAT_FRAME:
+                if worker.dead:  # given up for lost, yet back: it must leave this trainer's lease
+                    self._send_quietly(identity.bytes, m.make(m.CLOSE, 0))
+                continue
             try:
                 message = unpack([f.buffer for f in frames], allow_pickle=self.trusted)
             except ProtocolError as e:
                 self._malformed(worker, e, pending)
                 continue
             self._accept(worker, message, pending, replies)
+
+    def _keep_early_hello(self, identity: bytes, frames: list[zmq.Frame]) -> None:
+        """A farm worker may say HELLO before this trainer has read the lease that names it."""
+        if self.broker is None or not identity.startswith(m.WORKER_PREFIX) or len(self._early) >= _MAX_EARLY:
+            return
+        try:
+            message = unpack([f.buffer for f in frames])
+        except ProtocolError:
+            return
+        if message.get("kind") == m.HELLO:
+            self._early[identity] = message
+
+    def _drain_broker(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+        broker = self.workers[b""]
+        while True:
+            try:
+                _, *frames = self.broker.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                message = unpack([f.buffer for f in frames])
+            except ProtocolError as e:
+                self._malformed(broker, e, pending)
+                continue
+            self._accept(broker, message, pending, replies)
+
+    def _send_quietly(self, identity: bytes, message: dict[str, Any]) -> None:
+        try:
+            self.socket.send_multipart([identity, *pack(message)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def _malformed(self, worker: WorkerHandle, error: ProtocolError, pending: dict[WorkerHandle, int]) -> None:
         worker.dead = f"sent a malformed message ({error})"
@@ -287,11 +383,6 @@ class Router:
             m.check(message)
         except ProtocolError as e:
             self._malformed(worker, e, pending)
-            return
-        if message["kind"] == m.LOST and worker.inline is None and worker.process is None:
-            worker.dead = f"{message['reason']} (the broker says)"
-            if worker in pending:
-                raise self._died(worker)
             return
         if pending.get(worker) != message["rid"]:  # a late reply to an abandoned request
             return
@@ -314,12 +405,13 @@ class Router:
             raise self._died(worker)
 
     def close(self) -> None:
-        if self.via_broker:  # best effort: give the lease back even if the trainer never said close()
+        if self.broker is not None:  # best effort: give the lease back even if the trainer never said close()
             self._heartbeat.stop()
             try:
-                self.socket.send_multipart([b"", *pack(m.make(m.RELEASE, self.new_rid()))], zmq.NOBLOCK)
-                self.socket.close(linger=500)
+                self.broker.send_multipart([b"", *pack(m.make(m.RELEASE, self.new_rid()))], zmq.NOBLOCK)
+                self.broker.close(linger=500)
             except zmq.ZMQError:
                 pass
-        self.socket.close(linger=0)
-        self.context.term()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self.context.destroy(linger=0)

@@ -41,7 +41,8 @@ from envfarm.client.errors import FarmError, WorkerDiedError, rebuild
 from envfarm.client.launch import available_cpus, partition, start_local_workers
 from envfarm.client.batch_buffer import BatchBuffer
 from envfarm.client.segments import Segment
-from envfarm.client.router import Router, WorkerHandle
+from envfarm.client.router import Router, WorkerHandle, farm_endpoint
+from envfarm.curve import load_key_pair, load_public_key
 from envfarm.client.send_recv import SendRecv
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
@@ -94,8 +95,11 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         broker: A farm broker's endpoint (e.g. "tcp://head:5555"): lease workers there instead of
             starting local ones. Use `envfarm.make_vec(..., broker=...)`, which sets `remote_env`.
         remote_env: {"env_id", "kwargs"}: how farm workers build the envs (they take no code).
+        listen: "host" or "host:port" where the leased farm workers reach this trainer (they
+            connect to it directly; the broker only introduces them). Default: this host's
+            address on its route to the broker, and a free port.
         curve: (this trainer's secret key file, the broker's public key file): CurveZMQ to the
-            broker (see envfarm/curve.py).
+            broker and to the leased workers (see envfarm/curve.py).
         on_failure: "raise" (default): a lost worker raises WorkerDiedError. "restart" (farm
             only): its envs are built again on another leased worker and reset; that step or
             reset reports them truncated=True with info["envfarm_restarted"] (their last
@@ -127,6 +131,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         broker: str | None = None,
         remote_env: dict[str, Any] | None = None,
+        listen: str | None = None,
         curve: tuple[str, str] | None = None,
         on_failure: str = "raise",
     ) -> None:
@@ -162,7 +167,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         if broker is None:
             self._router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
         else:
-            self._router = Router(broker, trusted=False, broker=True, curve=curve)
+            bind, advertise = farm_endpoint(broker, listen)
+            keys = (load_key_pair(curve[0]), load_public_key(curve[1])) if curve is not None else None
+            self._router = Router(bind, trusted=False, broker=broker, advertise=advertise, curve=keys)
         self._broker = WorkerHandle(-1, b"", range(0), host="broker") if broker is not None else None
         self._workers: list[WorkerHandle] = []
         self._segments: list[BatchBuffer | TrainerChannels] = []
@@ -180,7 +187,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
 
     def _start(self, timeout: float) -> None:
         if self._broker is not None:
-            self._lease(timeout)
+            self._workers.extend(self._lease(self.num_envs, timeout))
         else:
             blocks = partition(self.num_envs, self.num_workers)
             remote_blocks = blocks[:-1] if self.inline_worker else blocks
@@ -189,7 +196,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 self._workers.append(WorkerHandle(len(remote_blocks), b"", blocks[-1], inline=RequestHandler(trusted=True)))
             for worker in self._workers:
                 self._router.add(worker)
-            self._router.gather(0, [w for w in self._workers if w.inline is None], timeout)  # each says HELLO with rid 0
+        self.num_workers = len(self._workers)
+        self._router.gather(0, [w for w in self._workers if w.inline is None], timeout)  # each says HELLO with rid 0
 
         created = self._replies(self._router.ask(m.CREATE, {worker: self._create_fields(worker) for worker in self._workers}, timeout))
         self._raise_errors(created)
@@ -231,26 +239,31 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             source = {"env_fns": cloudpickle.dumps(self.env_fns[worker.env_ids.start : worker.env_ids.stop])}
         return {"envs": list(worker.env_ids), "source": source, "autoreset_mode": self.autoreset_mode.value}
 
-    def _lease(self, timeout: float) -> None:
-        """Leases workers from the broker and gives each a contiguous block of envs, up to its slots."""
-        self._router.add(self._broker)
+    def _lease(self, num_envs: int, timeout: float, first_index: int = 0, add: bool = False) -> list[WorkerHandle]:
+        """Leases farm workers for `num_envs` envs and gives each a contiguous block of them, up to
+        its slots; the broker tells them to connect to this trainer, and each will say HELLO."""
+        if self._broker not in self._router.workers.values():
+            self._router.add(self._broker)
+        lease = {"envs": num_envs, "endpoint": self._router.endpoint, "server_key": self._router.server_key, "add": add}
         try:
-            reply = self._router.ask(m.LEASE, {self._broker: {"envs": self.num_envs}}, timeout)[self._broker]
+            reply = self._router.ask(m.LEASE, {self._broker: lease}, timeout)[self._broker]
         except multiprocessing.TimeoutError:
             raise multiprocessing.TimeoutError(
                 f"no reply from the broker at {self.broker} within {timeout} s: is it running, and if it uses "
                 "CurveZMQ, is this trainer's public key among its clients (curve=...)?"
             ) from None
         self._raise_errors([(self._broker, reply)])
-        start = 0
-        for identity, slots, host, pid in reply["workers"]:
-            block = range(start, min(start + slots, self.num_envs))
-            if block:
-                worker = WorkerHandle(len(self._workers), identity, block, pid=pid, host=host)
-                self._workers.append(worker)
-                self._router.add(worker)
+        self._router.dead_after = reply["dead_after"]
+        workers, start = [], first_index
+        for identity, slots, host, pid, key in reply["workers"]:
+            block = range(start, min(start + slots, first_index + num_envs))
+            if key is not None:
+                self._router.admitted.add(key.encode())
+            worker = WorkerHandle(len(self._workers) + len(workers), identity, block, pid=pid, host=host, last_heard=time.monotonic())
+            workers.append(worker)
+            self._router.add(worker)
             start = block.stop
-        self.num_workers = len(self._workers)
+        return workers
 
     def _make_channels(self) -> TrainerChannels | None:
         """Shared-memory mailboxes for the local workers, sized for this env's messages."""
@@ -542,12 +555,11 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             logger.warn(f"Calling `close` while waiting for a pending call to `{self._state.value}` to complete.")
             rid, targets = self._pending
             self._router.gather(rid, targets, timeout)
-        if self._broker is not None:  # the broker tells the workers to close their envs
-            self._router.ask(m.RELEASE, {self._broker: {}}, timeout)
-            return
         for worker, reply in self._replies(self._router.ask(m.CLOSE, {worker: {} for worker in self._workers}, timeout)):
             for env_id, error in reply.get("errors", []):
                 logger.warn(f"envfarm: env {env_id} raised in close(): {ErrorInfo.from_data(error).message}")
+        if self._broker is not None:  # the workers are free for other trainers
+            self._router.ask(m.RELEASE, {self._broker: {}}, timeout)
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             if worker.process is not None:
@@ -568,12 +580,15 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     def _send(self, kind: str, requests: dict[WorkerHandle, dict[str, Any]], state: AsyncState) -> None:
         """Fans one request out to its workers (all sends before any reply is awaited)."""
         rid = self._router.new_rid()
-        try:
-            for worker, fields in requests.items():
+        restartable = self.on_failure == "restart" and kind in (m.STEP, m.RESET)
+        for worker, fields in requests.items():
+            try:
                 self._router.send(worker, m.make(kind, rid, **fields))
-        except FarmError as e:
-            self._failure = e
-            raise
+            except FarmError as e:
+                if restartable and isinstance(e, WorkerDiedError):
+                    continue  # the wait finds it dead, and restarts it
+                self._failure = e
+                raise
         self._pending = (rid, list(requests))
         self._state = state
 
@@ -605,13 +620,13 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         if len(self._restarts) >= RESTARTS_PER_MINUTE:
             raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; not restarted: {RESTARTS_PER_MINUTE} restarts in the last minute already", lost)
         self._restarts.append(now)
-        reply = self._router.ask(m.LEASE, {self._broker: {"envs": len(lost.env_ids), "add": True}}, DEFAULT_STARTUP_TIMEOUT)[self._broker]
-        if reply["kind"] == m.ERROR:
-            raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; no capacity left to restart it: {ErrorInfo.from_data(reply['error']).message}", lost)
-        identity, slots, host, pid = reply["workers"][0]
-        worker = WorkerHandle(lost.index, identity, lost.env_ids, pid=pid, host=host)
-        self._router.add(worker)
+        try:
+            [worker] = self._lease(len(lost.env_ids), DEFAULT_STARTUP_TIMEOUT, first_index=lost.env_ids.start, add=True)
+        except RuntimeError as e:
+            raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; no capacity left to restart it: {e}", lost) from None
+        worker.index = lost.index
         self._workers[self._workers.index(lost)] = worker
+        self._router.gather(0, [worker], DEFAULT_STARTUP_TIMEOUT)  # its HELLO
         for kind, fields in (
             (m.CREATE, self._create_fields(worker)),
             (m.ATTACH, {"obs": self._buffer.descriptor, "channel": None}),

@@ -46,7 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show a broker's workers, their slots and leases")
     status.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
-    status.add_argument("--interval", type=float, default=1.0, help="seconds over which forwarded requests are counted (default 1)")
     status.add_argument("--curve-secret", help="CurveZMQ: this client's secret key file")
     status.add_argument("--broker-key", help="CurveZMQ: the broker's public key file")
     status.add_argument("--json", action="store_true")
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         from envfarm.status import show_status
 
         curve = (args.curve_secret, args.broker_key) if args.curve_secret and args.broker_key else None
-        return show_status(args.broker, args.interval, curve, args.json)
+        return show_status(args.broker, curve, args.json)
     if args.command == "keygen":
         from envfarm.curve import keygen
 

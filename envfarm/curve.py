@@ -6,17 +6,22 @@
     envfarm worker --broker tcp://head:5555 --curve-secret keys/worker-1.key_secret --broker-key keys/broker.key
 
 The broker admits only peers whose public key file (`*.key`) is in its clients directory; an
-unlisted or plaintext peer gets no connection at all. Off by default: on ipc and loopback the
-operating system already confines who can connect; on a real network, turn it on.
+unlisted or plaintext peer gets no connection at all. A trainer's data socket, which its leased
+workers connect to, is a Curve server too: it admits exactly the keys of the workers it leased,
+which the broker vouches for. Off by default: on ipc and loopback the operating system already
+confines who can connect; on a real network, turn it on.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+
+KeyPair = tuple[bytes, bytes]  # (public, secret), z85
 
 
 def keygen(directory: str, name: str) -> tuple[str, str]:
@@ -27,26 +32,45 @@ def keygen(directory: str, name: str) -> tuple[str, str]:
     return public, secret
 
 
-def secure_client(socket: zmq.Socket, secret_file: str, server_public_file: str) -> None:
-    """A worker's or trainer's socket: proves its own key, and accepts only the broker's."""
+def load_key_pair(secret_file: str) -> KeyPair:
     public, secret = zmq.auth.load_certificate(secret_file)
     if secret is None:
         raise ValueError(f"{secret_file} holds no secret key (give the .key_secret file, not the .key)")
-    server_public, _ = zmq.auth.load_certificate(server_public_file)
-    socket.curve_publickey, socket.curve_secretkey, socket.curve_serverkey = public, secret, server_public
+    return public, secret
 
 
-def secure_server(context: zmq.Context, socket: zmq.Socket, secret_file: str, clients_directory: str) -> ThreadAuthenticator:
-    """The broker's socket: encrypts with its key and admits only the listed client keys. Stop the
-    returned authenticator when the socket closes."""
-    if not os.path.isdir(clients_directory):
-        raise ValueError(f"{clients_directory} is not a directory of client public keys")
-    public, secret = zmq.auth.load_certificate(secret_file)
-    if secret is None:
-        raise ValueError(f"{secret_file} holds no secret key (give the .key_secret file, not the .key)")
+def load_public_key(public_file: str) -> bytes:
+    return zmq.auth.load_certificate(public_file)[0]
+
+
+def secure_client(socket: zmq.Socket, keys: KeyPair, server_key: bytes) -> None:
+    """A connecting socket: proves its own key, and accepts only a server holding `server_key`."""
+    socket.curve_publickey, socket.curve_secretkey = keys
+    socket.curve_serverkey = server_key
+
+
+class _Admitted:
+    """pyzmq's credentials-provider interface over a predicate on z85 public keys."""
+
+    def __init__(self, admits: Callable[[bytes], bool]):
+        self.admits = admits
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return self.admits(key)
+
+
+def secure_server(context: zmq.Context, socket: zmq.Socket, keys: KeyPair, clients: str | Callable[[bytes], bool]) -> ThreadAuthenticator:
+    """A bound socket: encrypts with `keys` and admits only the client keys listed in the directory
+    `clients`, or those for which `clients(z85 key)` is true. Stop the returned authenticator
+    when the socket closes. Call before `bind`."""
+    if isinstance(clients, str) and not os.path.isdir(clients):
+        raise ValueError(f"{clients} is not a directory of client public keys")
     authenticator = ThreadAuthenticator(context)
     authenticator.start()
-    authenticator.configure_curve(domain="*", location=clients_directory)
+    if isinstance(clients, str):
+        authenticator.configure_curve(domain="*", location=clients)
+    else:
+        authenticator.configure_curve_callback(domain="*", credentials_provider=_Admitted(clients))
     socket.curve_server = True
-    socket.curve_publickey, socket.curve_secretkey = public, secret
+    socket.curve_publickey, socket.curve_secretkey = keys
     return authenticator

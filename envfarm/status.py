@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-import time
 from typing import Any
 
 import zmq
 
-from envfarm.curve import secure_client
+from envfarm.curve import load_key_pair, load_public_key, secure_client
 from envfarm.protocol import messages as m
 from envfarm.protocol.packing import pack, unpack
 
@@ -22,7 +21,7 @@ def query(broker: str, curve: tuple[str, str] | None = None, timeout: float = 5.
     socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
     socket.setsockopt(zmq.LINGER, 0)
     if curve is not None:
-        secure_client(socket, *curve)
+        secure_client(socket, load_key_pair(curve[0]), load_public_key(curve[1]))
     socket.connect(broker)
     try:
         socket.send_multipart([b"", *pack(m.make(m.STATUS, 1))])
@@ -35,26 +34,22 @@ def query(broker: str, curve: tuple[str, str] | None = None, timeout: float = 5.
         context.term()
 
 
-def show_status(broker: str, interval: float, curve: tuple[str, str] | None, as_json: bool) -> int:
-    """Prints the farm; requests/s are counted between two queries `interval` seconds apart."""
+def show_status(broker: str, curve: tuple[str, str] | None, as_json: bool) -> int:
+    """Prints the farm: its workers, their slots and leases, and the env steps each serves per second."""
     try:
-        first = query(broker, curve)
-        time.sleep(interval)
-        second = query(broker, curve)
+        status = query(broker, curve)
     except TimeoutError as e:
         print(f"envfarm status: {e}", file=sys.stderr)
         return 1
-    before = {w["id"]: w["forwarded"] for w in first["workers"]}
-    for worker in second["workers"]:
-        worker["requests_per_s"] = round((worker["forwarded"] - before.get(worker["id"], worker["forwarded"])) / max(interval, 1e-9), 1)
     if as_json:
-        print(json.dumps(second))
+        print(json.dumps(status))
         return 0
-    workers = second["workers"]
+    workers = status["workers"]
     print(f"{len(workers)} workers, {sum(w['slots'] for w in workers)} slots, "
-          f"{sum(w['slots'] for w in workers if w['leased_to'])} leased to {second['trainers']} trainers")
+          f"{sum(w['slots'] for w in workers if w['leased_to'])} leased to {status['trainers']} trainers, "
+          f"{sum(w['steps_per_s'] for w in workers):.0f} steps/s")
     for w in workers:
         lease = f"leased to {w['leased_to'][:8]}" if w["leased_to"] else "free"
         print(f"  {w['id'][:8]}  {w['host']:<20} pid {w['pid']:<7} {w['slots']} slots  {lease:<18} "
-              f"{w['requests_per_s']:>7} req/s  heard {w['silent_s']} s ago")
+              f"{w['steps_per_s']:>9.1f} steps/s  heard {w['silent_s']} s ago")
     return 0

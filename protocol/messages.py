@@ -11,16 +11,23 @@ request, so a late reply to an abandoned request is recognised and dropped. The 
     trainer -> CALL    {name, args, kwargs}                 -> RESULT {values, errors}
     trainer -> SET_ATTR {name, values}                      -> RESULT {errors}
     trainer -> CLOSE   {}                                   -> RESULT {}
-    either  -> HEARTBEAT {}
     worker  -> ERROR   {error}                              the request as a whole failed
 
-In farm mode a broker stands between them and leases workers to trainers:
+In farm mode a broker leases workers to trainers and introduces them; it is not on the data path:
 
-    trainer -> LEASE   {envs, add?}                         -> LEASED {workers: [[identity, slots, host, pid], ...]}
+    worker  -> HELLO   {version, pid, host, slots, key, lease, lessee, steps}    every HEARTBEAT_INTERVAL
+    trainer -> LEASE   {envs, endpoint, server_key, add?}   -> LEASED {workers: [[identity, slots, host, pid, key], ...], dead_after}
+    broker  -> JOIN    {endpoint, server_key, lease, trainer}   the worker connects to the trainer's endpoint
     trainer -> RELEASE {}                                   -> RESULT {}
     anyone  -> STATUS  {}                                   -> RESULT {workers: [{...}], trainers}
+    broker  -> CLOSE   {}                                   the lease is over
 
-A worker's HELLO then carries `slots`, how many envs it hosts at most.
+A farm worker's HELLO to the broker doubles as its heartbeat: `slots` (envs it hosts at most),
+`key` (its CurveZMQ public key, or None), `lease` and `lessee` (the lease it serves, so that a
+restarted broker learns the farm's state from the workers), `steps` (env steps served). On JOIN
+it connects a second socket to the trainer, says HELLO there, and from then on the trainer talks
+to it exactly as to a local worker; it sends an empty frame (HEARTBEAT_FRAME) there every
+HEARTBEAT_INTERVAL between requests, so the trainer notices silence itself.
 
 "envs" are global env indices; per-env errors travel as [[env index, error data], ...], so one
 failing env never hides the results of the others. The field types are checked by `check`.
@@ -36,7 +43,7 @@ PROTOCOL_VERSION = 1
 WORKER_PREFIX, TRAINER_PREFIX = b"W", b"T"
 HEARTBEAT_FRAME = b""
 HEARTBEAT_INTERVAL = 1.0
-HEARTBEAT_SUFFIX = b"/hb"  # a trainer's heartbeat socket: its identity plus this
+HEARTBEAT_SUFFIX = b"/hb"  # a trainer's heartbeat socket to the broker: its identity plus this
 
 HELLO = "hello"
 CREATE = "create"
@@ -49,12 +56,11 @@ CALL = "call"
 SET_ATTR = "set_attr"
 CLOSE = "close"
 RESULT = "result"
-HEARTBEAT = "heartbeat"
 ERROR = "error"
 LEASE = "lease"
 LEASED = "leased"
 RELEASE = "release"
-LOST = "lost"
+JOIN = "join"
 STATUS = "status"
 
 _list = (list, tuple)
@@ -71,12 +77,11 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     SET_ATTR: {"name": str, "values": _list},
     CLOSE: {},
     RESULT: {"errors": _list},
-    HEARTBEAT: {},
     ERROR: {"error": dict},
-    LEASE: {"envs": int},
-    LEASED: {"workers": _list},
+    LEASE: {"envs": int, "endpoint": str, "server_key": (str, type(None))},
+    LEASED: {"workers": _list, "dead_after": (int, float)},
+    JOIN: {"endpoint": str, "server_key": (str, type(None)), "lease": str, "trainer": bytes},
     RELEASE: {},
-    LOST: {"reason": str},
     STATUS: {},
 }
 

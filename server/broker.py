@@ -1,22 +1,26 @@
-"""The standalone broker: one ROUTER socket that leases workers to trainers and forwards between them.
+"""The standalone broker: one ROUTER socket where workers register and trainers lease them.
 
     envfarm broker --bind tcp://0.0.0.0:5555
     envfarm worker --broker tcp://HEAD:5555 --slots 8
     envs = envfarm.make_vec("CartPole-v1", 16, broker="tcp://HEAD:5555")
 
 Peers say what they are with their routing identity: a worker's starts with b"W", a trainer's with
-b"T". A worker registers with HELLO and its slot count. A trainer sends [target, *message]: an
-empty target addresses the broker (LEASE n envs' worth of workers, RELEASE them), any other target
-is one of the workers it leased, to which the message is forwarded untouched; the worker's replies
-go back to its lessee as [worker, *message]. The broker decodes only its own control messages and
-HELLO, never with pickles. A trainer's workers are released when it asks or leases anew; released workers are told to
-close their envs. Workers and trainers send heartbeats (a trainer from a thread of its own, on a
-second socket whose identity is its own plus HEARTBEAT_SUFFIX); a worker silent for `dead_after`
-is declared lost to its trainer, a trainer silent that long loses its lease.
+b"T". A worker registers, and then keeps saying it is alive, with HELLO. A trainer LEASEs enough
+workers for its envs, giving the endpoint of its own data socket; the broker sends each leased
+worker JOIN with that endpoint, and from then on the trainer and its workers talk directly: no
+step passes through the broker. A trainer's workers are released when it asks, leases anew, or
+stops sending heartbeats (from a thread of its own, on a second socket whose identity is its own
+plus HEARTBEAT_SUFFIX); released workers are told to CLOSE. A worker silent for `dead_after` is
+struck off (its trainer, which hears the worker's own heartbeats, notices by itself). Because
+workers report the lease they serve, a restarted broker learns who holds what from them, and
+trainers train on through the restart.
+
+The broker decodes only control messages, never with pickles, and never blocks on a peer.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,12 +28,12 @@ from typing import Any
 
 import zmq
 
-from envfarm.curve import secure_server
+from envfarm.curve import load_key_pair, secure_server
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
 
-MAX_MESSAGE_BYTES = 256 << 20  # a socket facing the network refuses larger frames
+MAX_MESSAGE_BYTES = 1 << 20  # control messages are small; a socket facing the network refuses larger frames
 
 
 @dataclass
@@ -38,9 +42,13 @@ class RegisteredWorker:
     slots: int
     host: str
     pid: int
+    key: str | None  # its CurveZMQ public key (z85), handed to its lessee
     lessee: bytes | None = None
+    lease: str | None = None  # the token of its current lease
+    joined: bool = False  # it has reported serving `lease`: from then on, reporting another means it left
+    steps: int = 0  # env steps it has served (its own count, reported with each heartbeat)
+    steps_per_s: float = 0.0  # over its last heartbeat interval, for `envfarm status`
     last_seen: float = field(default_factory=time.monotonic)
-    forwarded: int = 0  # requests forwarded to it, for `envfarm status`
 
 
 def set_tcp_heartbeats(socket: zmq.Socket) -> None:
@@ -55,7 +63,7 @@ class Broker:
 
     def __init__(self, bind: str, dead_after: float = 5.0, curve: tuple[str, str] | None = None):
         """`dead_after`: a worker silent this long (no heartbeat, no reply: dead, frozen, cut off,
-        or stuck in one request) is declared lost, and its lessee told at once.
+        or stuck in one request) is lost; trainers use the same deadline for their workers.
         `curve`: (this broker's secret key file, directory of admitted public keys): CurveZMQ."""
         if dead_after <= 2 * m.HEARTBEAT_INTERVAL:
             raise ValueError(f"dead_after must exceed two heartbeat intervals ({2 * m.HEARTBEAT_INTERVAL} s), got {dead_after}")
@@ -67,7 +75,9 @@ class Broker:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         set_tcp_heartbeats(self.socket)
-        self._authenticator = secure_server(self.context, self.socket, *curve) if curve is not None else None
+        self._authenticator = None
+        if curve is not None:
+            self._authenticator = secure_server(self.context, self.socket, load_key_pair(curve[0]), curve[1])
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[bytes, RegisteredWorker] = {}
@@ -83,11 +93,10 @@ class Broker:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_check:
-                    self._declare_lost(now - self.dead_after)
+                    self._strike_off_silent(now - self.dead_after)
                     next_check = now + 0.1
-                if not self.socket.poll(100):
-                    continue
-                self._drain()
+                if self.socket.poll(100):
+                    self._drain()
         finally:
             self.socket.close(linger=0)
             if self._authenticator is not None:
@@ -98,71 +107,68 @@ class Broker:
         """Handles every message already queued, without a poll between them."""
         while True:
             try:
-                identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            sender = identity.bytes
-            if sender.startswith(m.WORKER_PREFIX):
-                self._from_worker(sender, frames)
-            elif sender.startswith(m.TRAINER_PREFIX) and sender.endswith(m.HEARTBEAT_SUFFIX):
-                trainer = sender[: -len(m.HEARTBEAT_SUFFIX)]
+            if identity.startswith(m.WORKER_PREFIX):
+                self._from_worker(identity, frames)
+            elif identity.startswith(m.TRAINER_PREFIX) and identity.endswith(m.HEARTBEAT_SUFFIX):
+                trainer = identity[: -len(m.HEARTBEAT_SUFFIX)]
                 if trainer in self.trainers:
                     self.trainers[trainer] = time.monotonic()
-            elif sender.startswith(m.TRAINER_PREFIX) and frames:
-                if sender in self.trainers:
-                    self.trainers[sender] = time.monotonic()
-                self._from_trainer(sender, frames[0].bytes, frames[1:])
+            elif identity.startswith(m.TRAINER_PREFIX) and len(frames) > 1 and frames[0] == b"":
+                if identity in self.trainers:
+                    self.trainers[identity] = time.monotonic()
+                self._from_trainer(identity, frames[1:])
 
     def _send(self, frames: list[Any]) -> None:
         # Never blocks: a peer that is gone (EHOSTUNREACH) or does not read (its queue is full:
         # EAGAIN, e.g. a frozen trainer) loses the message instead of stalling the whole farm.
         try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as e:
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
 
-    def _declare_lost(self, silent_since: float) -> None:
+    def _strike_off_silent(self, silent_since: float) -> None:
         for trainer in [t for t, last_seen in self.trainers.items() if last_seen < silent_since]:
             self._release(trainer)  # it vanished (killed, or its host did): its workers go back to the pool
         for record in [r for r in self.workers.values() if r.last_seen < silent_since]:
             del self.workers[record.identity]
-            if record.lessee is not None:
-                reason = f"was silent for more than {self.dead_after:g} s (killed, frozen, cut off, or stuck in one request)"
-                self._send([record.lessee, record.identity, *pack(m.make(m.LOST, 0, reason=reason))])
 
-    def _from_worker(self, worker: bytes, frames: list[zmq.Frame]) -> None:
+    def _from_worker(self, worker: bytes, frames: list[bytes]) -> None:
+        try:
+            hello = m.check(unpack(frames))
+        except ProtocolError:
+            return
+        if hello["kind"] != m.HELLO:
+            return  # a reply to the broker's CLOSE: nothing to do
+        lease, lessee, steps = hello.get("lease"), hello.get("lessee"), hello.get("steps")
         record = self.workers.get(worker)
-        if record is not None:
-            record.last_seen = time.monotonic()
-        if len(frames) == 1 and frames[0].bytes == m.HEARTBEAT_FRAME:
-            if record is None:  # a worker this broker does not know: reset it, so that it registers
-                self._send([worker, *pack(m.make(m.CLOSE, 0))])
-            return
-        if record is None or record.lessee is None:
-            try:
-                hello = m.check(unpack([f.buffer for f in frames]))
-            except ProtocolError:
-                return
-            if hello["kind"] == m.HELLO and record is None:
-                slots = hello.get("slots", 1)
-                self.workers[worker] = RegisteredWorker(worker, slots if type(slots) is int and slots > 0 else 1, hello["host"], hello["pid"])
-            return
-        self._send([record.lessee, worker, *frames])
+        if record is None:
+            slots, key = hello.get("slots"), hello.get("key")
+            record = RegisteredWorker(worker, slots if type(slots) is int and slots > 0 else 1, hello["host"], hello["pid"], key if isinstance(key, str) else None)
+            self.workers[worker] = record
+            if isinstance(lease, str) and isinstance(lessee, bytes) and lessee.startswith(m.TRAINER_PREFIX):
+                # It serves a lease this broker has not seen (it restarted): the lease stands until
+                # its trainer goes silent or releases it.
+                record.lessee, record.lease, record.joined = lessee, lease, True
+                self.trainers.setdefault(lessee, time.monotonic())
+        now = time.monotonic()
+        if type(steps) is int:
+            record.steps_per_s = max(0, steps - record.steps) / max(now - record.last_seen, 1e-3)
+            record.steps = steps
+        record.last_seen = now
+        if record.lessee is not None:
+            if lease == record.lease:
+                record.joined = True
+            elif record.joined:  # it left its lease (its trainer closed it, or gave it up for lost)
+                record.lessee, record.lease, record.joined = None, None, False
 
-    def _from_trainer(self, trainer: bytes, target: bytes, frames: list[zmq.Frame]) -> None:
-        if target:
-            record = self.workers.get(target)
-            if record is not None and record.lessee == trainer:
-                record.forwarded += 1
-                self._send([target, *frames])
-            else:  # never leased to it, lost, or the broker restarted: the trainer must not wait for a reply
-                reason = "is not leased to this trainer (lost, or the broker restarted)"
-                self._send([trainer, target, *pack(m.make(m.LOST, 0, reason=reason))])
-            return
+    def _from_trainer(self, trainer: bytes, frames: list[bytes]) -> None:
         rid = 0
         try:
-            message = m.check(unpack([f.buffer for f in frames]))
+            message = m.check(unpack(frames))
             rid = message["rid"]
             reply = self._control(trainer, message)
         except Exception as exc:
@@ -172,23 +178,7 @@ class Broker:
     def _control(self, trainer: bytes, message: dict[str, Any]) -> dict[str, Any]:
         kind, rid = message["kind"], message["rid"]
         if kind == m.LEASE:
-            if not message.get("add"):  # a new lease replaces the trainer's last one; add=True extends it
-                self._release(trainer)
-            wanted, leased = message["envs"], []
-            for record in self.workers.values():
-                if wanted <= 0:
-                    break
-                if record.lessee is None:
-                    record.lessee = trainer
-                    leased.append(record)
-                    wanted -= record.slots
-            if wanted > 0:
-                for record in leased:
-                    record.lessee = None
-                free = sum(r.slots for r in self.workers.values() if r.lessee is None)
-                raise RuntimeError(f"the farm has {free} free slots, {message['envs']} were asked for")
-            self.trainers[trainer] = time.monotonic()
-            return m.make(m.LEASED, rid, workers=[[r.identity, r.slots, r.host, r.pid] for r in leased])
+            return self._lease(trainer, message)
         if kind == m.RELEASE:
             self._release(trainer)
             return m.make(m.RESULT, rid, errors=[])
@@ -196,16 +186,44 @@ class Broker:
             now = time.monotonic()
             workers = [
                 {"id": r.identity.hex(), "host": r.host, "pid": r.pid, "slots": r.slots, "leased_to": r.lessee.hex() if r.lessee else None,
-                 "silent_s": round(now - r.last_seen, 1), "forwarded": r.forwarded}
+                 "silent_s": round(now - r.last_seen, 1), "steps": r.steps, "steps_per_s": round(r.steps_per_s, 1)}
                 for r in self.workers.values()
             ]
             return m.make(m.RESULT, rid, errors=[], workers=workers, trainers=len(self.trainers))
         raise ProtocolError(f"the broker does not serve {kind} messages")
+
+    def _lease(self, trainer: bytes, message: dict[str, Any]) -> dict[str, Any]:
+        """Picks free workers with enough slots for `envs` and sends each JOIN. A new lease
+        replaces the trainer's last one, unless add=True: one more worker that hosts all `envs`
+        (a lost worker's replacement)."""
+        wanted, free = message["envs"], [r for r in self.workers.values() if r.lessee is None]
+        if message.get("add"):
+            leased = [r for r in free if r.slots >= wanted][:1]
+            if not leased:
+                raise RuntimeError(f"the farm has no free worker with {wanted} slots (free: {sorted(r.slots for r in free)})")
+        else:
+            self._release(trainer)
+            free = [r for r in self.workers.values() if r.lessee is None]
+            leased = []
+            for record in free:
+                if wanted <= 0:
+                    break
+                leased.append(record)
+                wanted -= record.slots
+            if wanted > 0:
+                raise RuntimeError(f"the farm has {sum(r.slots for r in free)} free slots, {message['envs']} were asked for")
+        for record in leased:
+            record.lessee, record.lease, record.joined = trainer, secrets.token_hex(8), False
+            join = m.make(m.JOIN, 0, endpoint=message["endpoint"], server_key=message["server_key"], lease=record.lease, trainer=trainer)
+            self._send([record.identity, *pack(join)])
+        self.trainers[trainer] = time.monotonic()
+        workers = [[r.identity, r.slots, r.host, r.pid, r.key] for r in leased]
+        return m.make(m.LEASED, message["rid"], workers=workers, dead_after=self.dead_after)
 
     def _release(self, trainer: bytes) -> None:
         """Frees the trainer's workers; each is told to close its envs and wait for the next lease."""
         self.trainers.pop(trainer, None)
         for record in self.workers.values():
             if record.lessee == trainer:
-                record.lessee = None
+                record.lessee, record.lease, record.joined = None, None, False
                 self._send([record.identity, *pack(m.make(m.CLOSE, 0))])

@@ -47,8 +47,6 @@ class RequestHandler:
         kind, rid = message["kind"], message["rid"]
         if kind == m.CREATE:
             return m.make(m.CREATED, rid, **self.create(message))
-        if kind == m.HEARTBEAT:
-            return m.make(m.HEARTBEAT, rid)
         if kind == m.ATTACH:
             return m.make(m.ATTACHED, rid, **self.attach(message))
         envs = self.envs

@@ -1,6 +1,8 @@
-"""A worker process: hosts K envs behind a ZeroMQ DEALER socket and serves one request at a time.
+"""A worker process: hosts K envs and serves one request at a time from its trainer.
 
-    worker = DEALER --connect--> trainer's ROUTER (local mode) or a broker (farm mode)
+    local mode: worker DEALER --connect--> the trainer's ROUTER
+    farm mode:  worker DEALER --connect--> broker (register, heartbeats, JOIN and CLOSE of leases)
+                worker DEALER --connect--> the leased trainer's ROUTER (the data path, as local mode)
 
 It says HELLO, builds its envs on CREATE, reports their spaces (the trainer builds no dummy env),
 attaches to the trainer's shared memory on ATTACH when the probe succeeds, then answers RESET,
@@ -19,7 +21,7 @@ from typing import Any, Sequence
 import zmq
 
 from envfarm import channel as shm_channel
-from envfarm.curve import secure_client
+from envfarm.curve import KeyPair, load_key_pair, load_public_key, secure_client
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
@@ -43,7 +45,8 @@ def die_with_parent(parent_pid: int) -> None:
 def run_farm_worker(broker: str, slots: int, allow: Sequence[str] | None = None, curve: tuple[str, str] | None = None) -> None:
     """Entry point of `envfarm worker`: serves leases from the broker until killed.
     `curve`: (this worker's secret key file, the broker's public key file)."""
-    Worker(broker, m.WORKER_PREFIX + os.urandom(15), trusted=False, slots=slots, allow=allow, curve=curve).serve()
+    keys = (load_key_pair(curve[0]), load_public_key(curve[1])) if curve is not None else None
+    FarmWorker(broker, m.WORKER_PREFIX + os.urandom(15), slots, allow, keys).serve()
 
 
 def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
@@ -51,39 +54,52 @@ def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
     # Ctrl-C reaches the whole process group; the trainer alone should see it, once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent_pid)
-    Worker(endpoint, identity, trusted=True).serve()
+    worker = Worker(identity, trusted=True)
+    worker.connect(endpoint)
+    worker.serve()
 
 
 class Worker:
-    """Serves the requests that arrive on one DEALER socket (or the channel it attached) until CLOSE."""
+    """Serves the requests of one trainer, on a DEALER socket or the channel it attached, until CLOSE."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        identity: bytes,
-        *,
-        trusted: bool,
-        slots: int | None = None,
-        allow: Sequence[str] | None = None,
-        curve: tuple[str, str] | None = None,
-    ):
-        """`slots` makes this a farm worker: it registers with a broker, and CLOSE ends a lease
-        (its envs are closed and it waits for the next trainer) rather than the process."""
+    def __init__(self, identity: bytes, *, trusted: bool, allow: Sequence[str] | None = None):
+        self.identity = identity
         self.trusted = trusted
-        self.slots = slots
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.IDENTITY, identity)
-        self.socket.setsockopt(zmq.LINGER, 1000)
-        if slots is not None:
-            set_tcp_heartbeats(self.socket)
-        if curve is not None:
-            secure_client(self.socket, *curve)
-        self.socket.connect(endpoint)
-        self.next_heartbeat = time.monotonic()
         self.allow = allow
+        self.context = zmq.Context()
+        self.data: zmq.Socket | None = None
         self.requests = RequestHandler(trusted=trusted, allow=allow)
         self.channel: shm_channel.WorkerEnd | None = None
+        self.hello = m.make(m.HELLO, 0, version=m.PROTOCOL_VERSION, pid=os.getpid(), host=socket.gethostname())
+
+    def serve(self) -> None:
+        """Serves the trainer connected to until it says CLOSE."""
+        try:
+            while self.data is not None:
+                self.serve_one(self.receive())
+        finally:
+            self.context.destroy(linger=1000)
+
+    def connect(self, endpoint: str, curve: tuple[KeyPair, bytes] | None = None) -> None:
+        """Opens the socket to a trainer and says HELLO on it."""
+        self.data = self.context.socket(zmq.DEALER)
+        self.data.setsockopt(zmq.IDENTITY, self.identity)
+        self.data.setsockopt(zmq.LINGER, 1000)
+        if endpoint.startswith("tcp://"):
+            set_tcp_heartbeats(self.data)
+        if curve is not None:
+            secure_client(self.data, *curve)
+        self.data.connect(endpoint)
+        self.send(self.hello)
+
+    def disconnect(self) -> None:
+        """Ends the service of a trainer: its envs are closed, and the socket to it."""
+        if self.requests.envs is not None and not self.requests.closed:
+            self.requests.respond(m.make(m.CLOSE, 0))
+        self.requests, self.channel = RequestHandler(trusted=self.trusted, allow=self.allow), None
+        if self.data is not None:
+            self.data.close(linger=1000)
+            self.data = None
 
     def send(self, message: dict[str, Any]) -> None:
         try:
@@ -91,57 +107,130 @@ class Worker:
         except TypeError as e:
             frames = pack(m.make(m.ERROR, message["rid"], error=ErrorInfo.from_exception(e).to_data()))
         if self.channel is None or not self.channel.send(frames):
-            self.socket.send_multipart(frames, copy=False)
+            self.data.send_multipart(frames, copy=False)
 
-    def receive(self) -> dict[str, Any] | None:
-        """The next request; None if none came yet, or the trainer replaced it while it was being read."""
-        if self.slots is not None and time.monotonic() >= self.next_heartbeat:  # a farm worker says it is alive
-            self.socket.send(m.HEARTBEAT_FRAME)
-            self.next_heartbeat = time.monotonic() + m.HEARTBEAT_INTERVAL
+    def serve_one(self, message: dict[str, Any] | ProtocolError | None) -> None:
+        """Answers one request (a malformed one with an ERROR); CLOSE ends the service."""
+        if message is None:
+            return
+        if isinstance(message, ProtocolError):
+            self.send(m.make(m.ERROR, 0, error=ErrorInfo.from_exception(message).to_data()))
+            return
+        self.send(self.requests.respond(message))
+        if message.get("kind") == m.CLOSE:
+            self.disconnect()
+        elif self.channel is None and self.requests.channel is not None:
+            self.channel = self.requests.channel  # ATTACHED went on the socket; the rest goes here
+
+    def receive(self) -> dict[str, Any] | ProtocolError | None:
+        """The next request from the trainer, or the ProtocolError that decoding it raised. Waits
+        for it on the socket; on the channel, returns None after a short sleep without one (so the
+        caller can look at its sockets too), or if the trainer replaced it while it was read."""
         if self.channel is None:
-            if self.slots is not None and not self.socket.poll(int(m.HEARTBEAT_INTERVAL * 1000)):
-                return None
-            return unpack([f.buffer for f in self.socket.recv_multipart(copy=False)], allow_pickle=self.trusted)
+            return self.from_socket()
         seq = self.channel.wait()
-        if seq is None:  # nothing in the mailbox: a broker may be talking on the socket
-            if not self.socket.poll(0):
-                return None
-            return unpack([f.buffer for f in self.socket.recv_multipart(copy=False)], allow_pickle=self.trusted)
+        if seq is None:
+            return self.from_socket() if self.data.poll(0) else None
         frames = self.channel.requests.read()
         if frames is None:  # too large for the slot: it came on the socket
-            return unpack([f.buffer for f in self.socket.recv_multipart(copy=False)], allow_pickle=self.trusted)
+            return self.from_socket()
         try:
             message = unpack(frames, allow_pickle=self.trusted)
-        except ProtocolError:
-            if self.channel.requests.seq.value != seq:
-                return None
-            raise
+        except ProtocolError as e:
+            return e if self.channel.requests.seq.value == seq else None
         return message if self.channel.requests.seq.value == seq else None
 
+    def from_socket(self) -> dict[str, Any] | ProtocolError:
+        try:
+            return unpack([frame.buffer for frame in self.data.recv_multipart(copy=False)], allow_pickle=self.trusted)
+        except ProtocolError as e:
+            return e
+
+
+class FarmWorker(Worker):
+    """A worker that registers with a broker and serves the trainers it is leased to, one at a time.
+
+    Its HELLO to the broker, every HEARTBEAT_INTERVAL, is also its heartbeat and says which lease
+    it serves. JOIN from the broker starts a lease: it connects to that trainer. CLOSE, from the
+    trainer or from the broker, ends it: its envs are closed and it waits for the next lease.
+    """
+
+    def __init__(self, broker: str, identity: bytes, slots: int, allow: Sequence[str] | None, curve: tuple[KeyPair, bytes] | None):
+        super().__init__(identity, trusted=False, allow=allow)
+        self.curve = curve
+        self.control = self.context.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.IDENTITY, identity)
+        self.control.setsockopt(zmq.LINGER, 0)
+        set_tcp_heartbeats(self.control)
+        if curve is not None:
+            secure_client(self.control, *curve)
+        self.control.connect(broker)
+        self.registration = {**self.hello, "slots": slots, "key": curve[0][0].decode() if curve else None, "lease": None, "lessee": None, "steps": 0}
+        self.next_heartbeat = 0.0
+        self.steps = 0  # env steps served, for `envfarm status`
+
     def serve(self) -> None:
-        hello = m.make(m.HELLO, 0, version=m.PROTOCOL_VERSION, pid=os.getpid(), host=socket.gethostname())
-        if self.slots is not None:
-            hello["slots"] = self.slots
-        self.send(hello)
-        # A farm worker whose lease ends (or that the broker does not know: a restarted broker, or
-        # one that declared it lost) is sent CLOSE, and registers again.
+        """Serves leases until the process is killed."""
         try:
             while True:
-                try:
-                    message = self.receive()
-                except ProtocolError as exc:
-                    self.send(m.make(m.ERROR, 0, error=ErrorInfo.from_exception(exc).to_data()))
-                    continue
-                if message is None:
-                    continue
-                self.send(self.requests.respond(message))
-                if message.get("kind") == m.CLOSE:
-                    if self.slots is None:
-                        return
-                    self.requests, self.channel = RequestHandler(trusted=self.trusted, allow=self.allow), None
-                    self.send(hello)
-                if self.channel is None and self.requests.channel is not None:
-                    self.channel = self.requests.channel  # ATTACHED went on the socket; the rest goes here
+                self.heartbeat()
+                timeout = int(max(0.0, self.next_heartbeat - time.monotonic()) * 1000) + 1
+                if self.data is None:
+                    if self.control.poll(timeout):
+                        self.from_broker()
+                elif self.channel is None:
+                    ready = dict(self.poller.poll(timeout))
+                    if self.data in ready:
+                        self.serve_one(self.from_socket())
+                    if self.control in ready:
+                        self.from_broker()
+                else:
+                    self.serve_one(self.receive())  # back within a short sleep when idle
+                    if self.control.poll(0):
+                        self.from_broker()
         finally:
-            self.socket.close(linger=1000)
-            self.context.term()
+            self.context.destroy(linger=1000)
+
+    def heartbeat(self) -> None:
+        """Tells the broker (and the trainer served, if any) that this worker is alive."""
+        if time.monotonic() < self.next_heartbeat:
+            return
+        self.next_heartbeat = time.monotonic() + m.HEARTBEAT_INTERVAL
+        self.registration["steps"] = self.steps
+        try:
+            if self.data is not None:
+                self.data.send(m.HEARTBEAT_FRAME, zmq.NOBLOCK)
+            self.control.send_multipart(pack(self.registration), zmq.NOBLOCK)
+        except zmq.Again:  # a peer that does not read: it is the one that will notice
+            pass
+
+    def connect(self, endpoint: str, curve: tuple[KeyPair, bytes] | None = None) -> None:
+        super().connect(endpoint, curve)
+        self.poller = zmq.Poller()
+        self.poller.register(self.data, zmq.POLLIN)
+        self.poller.register(self.control, zmq.POLLIN)
+
+    def disconnect(self) -> None:
+        super().disconnect()
+        self.registration["lease"] = self.registration["lessee"] = None
+        self.next_heartbeat = 0.0  # tell the broker at once
+
+    def serve_one(self, message: dict[str, Any] | ProtocolError | None) -> None:
+        if isinstance(message, dict) and message.get("kind") == m.STEP and isinstance(message.get("envs"), list):
+            self.steps += len(message["envs"])
+        super().serve_one(message)
+
+    def from_broker(self) -> None:
+        try:
+            message = m.check(unpack(self.control.recv_multipart()))
+        except ProtocolError:
+            return  # only the broker reaches this socket, and it sends nothing malformed
+        if message["kind"] == m.CLOSE:
+            self.disconnect()
+        elif message["kind"] == m.JOIN:
+            self.disconnect()
+            server_key = message["server_key"]
+            curve = (self.curve[0], server_key.encode()) if self.curve is not None and server_key else None
+            self.connect(message["endpoint"], curve)
+            self.registration["lease"], self.registration["lessee"] = message["lease"], message["trainer"]
+            self.next_heartbeat = 0.0

@@ -12,7 +12,7 @@ from envfarm.protocol import messages as m
 
 FAST = settings(max_examples=150, deadline=None)
 
-GOOD_VALUE = {int: 7, str: "x", list: [1, "a"], tuple: (1, "a"), dict: {"k": 1}, bool: True, type(None): None}
+GOOD_VALUE = {int: 7, str: "x", list: [1, "a"], tuple: (1, "a"), dict: {"k": 1}, bool: True, bytes: b"id", type(None): None}
 # Values of every wire type, to find one that a field must refuse.
 CANDIDATES = [1.5, "text", 3, [1], {"k": 1}, None, b"raw", True]
 
@@ -42,7 +42,7 @@ REQUIRED_FIELDS = [(kind, name) for kind, name in ALL_FIELDS if not isinstance(N
 
 
 def test_every_kind_constant_has_a_field_table():
-    kinds = [m.HELLO, m.CREATE, m.CREATED, m.ATTACH, m.ATTACHED, m.RESET, m.STEP, m.CALL, m.SET_ATTR, m.CLOSE, m.RESULT, m.HEARTBEAT, m.ERROR]
+    kinds = [m.HELLO, m.CREATE, m.CREATED, m.ATTACH, m.ATTACHED, m.RESET, m.STEP, m.CALL, m.SET_ATTR, m.CLOSE, m.RESULT, m.ERROR, m.LEASE, m.LEASED, m.JOIN, m.RELEASE, m.STATUS]
     assert set(kinds) <= set(m.FIELDS)
     constants = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str)}
     assert set(m.FIELDS) <= constants  # every kind in the table is a named constant

@@ -20,6 +20,7 @@ from polling import wait_until
 import envfarm
 
 SUBNET = 40 + os.getpid() % 150  # 10.231.SUBNET.0/24 and 10.232.SUBNET.0/24: one run's own addresses
+HEAD = f"10.231.{SUBNET}.1"  # this host, where the broker and the trainers run, as the worker hosts reach it
 
 
 def sh(*command: str) -> None:
@@ -43,6 +44,7 @@ def hosts():
             sh("ip", "netns", "exec", namespace, "ip", "addr", "add", f"10.{octet}.{SUBNET}.2/24", "dev", there)
             sh("ip", "netns", "exec", namespace, "ip", "link", "set", there, "up")
             sh("ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up")
+            sh("ip", "netns", "exec", namespace, "ip", "route", "add", "default", "via", f"10.{octet}.{SUBNET}.1")
     except (subprocess.SubprocessError, OSError) as e:
         for namespace, here in made:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
@@ -70,7 +72,7 @@ def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
     with running_broker("tcp://0.0.0.0:0", dead_after=2.5) as broker:
         port = broker.endpoint.rsplit(":", 1)[1]
         with workers_of(broker, [remote_worker(ns_a, port), same_host_worker(ns_b, port)]) as (remote, same_host):
-            envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
+            envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://{HEAD}:{port}")
             sync = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
             try:
                 by_pid = {w.pid: w for w in envs._workers}
@@ -90,8 +92,10 @@ def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
                 envs.close()
                 sync.close()
             sh("ip", "link", "set", link_a, "up")  # heal: host a's worker comes back and registers again
-            assert wait_until(lambda: len(broker.workers) == 2, 20), "the cut-off worker did not come back"
-            envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}")
+            # It comes back still serving the closed trainer's lease: held until that trainer is
+            # silent for dead_after, then freed.
+            assert wait_until(lambda: len(broker.workers) == 2 and all(r.lessee is None for r in broker.workers.values()), 20), "the cut-off worker did not come back"
+            envs = envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://{HEAD}:{port}")
             envs.reset(seed=0)
             envs.step(envs.action_space.sample())
             envs.close()
@@ -103,7 +107,7 @@ def test_two_trainers_and_a_restart_across_hosts(hosts):
         port = broker.endpoint.rsplit(":", 1)[1]
         commands = [remote_worker(ns_a, port)] * 2 + [same_host_worker(ns_b, port)] * 2
         with workers_of(broker, commands):
-            farm = f"tcp://127.0.0.1:{port}"
+            farm = f"tcp://{HEAD}:{port}"
             first = envfarm.make_vec("CartPole-v1", 2, broker=farm, on_failure="restart", shared_memory=False)
             second = envfarm.make_vec("CartPole-v1", 2, broker=farm)
             try:
