@@ -75,6 +75,7 @@ def _exit_reason(process: Any) -> str:
 _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
 _SILENCE_CHECK = 0.25  # seconds between looks at the farm workers' heartbeats while waiting
 _MAX_EARLY = 1024  # early HELLOs kept, at most
+_DISCONNECTED = "lost its connection (killed, or its host went away)"
 
 
 class _Heartbeat(threading.Thread):
@@ -156,6 +157,7 @@ class Router:
         self.poller.register(self.socket, zmq.POLLIN)
         self.broker: zmq.Socket | None = None
         self.dead_after: float | None = None  # set by the broker's lease: how long a farm worker may be silent
+        self._next_probe = 0.0
         if broker is not None:
             self.broker = self.context.socket(zmq.DEALER)
             self.broker.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
@@ -210,7 +212,7 @@ class Router:
             if worker.process is not None:
                 worker.process.join(0.5)
             exited = worker.process is not None and worker.process.exitcode is not None
-            worker.dead = worker.dead or (_exit_reason(worker.process) if exited else "is not connected")
+            worker.dead = worker.dead or (_exit_reason(worker.process) if exited else _DISCONNECTED)
             raise self._died(worker) from None
 
     def _died(self, worker: WorkerHandle) -> WorkerDiedError:
@@ -296,11 +298,25 @@ class Router:
                 self._on_exit(fd, pending, replies)
 
     def _check_silence(self, pending: dict[WorkerHandle, int]) -> None:
+        """Fails the wait for a farm worker that is silent for dead_after, or whose connection is
+        gone (a killed process: its host closes the connection, and a probe finds no route)."""
         now = time.monotonic()
+        if self.dead_after is None or now < self._next_probe:
+            return
+        self._next_probe = now + _SILENCE_CHECK
         for worker in pending:
-            if worker.remote and self.dead_after is not None and now - worker.last_heard > self.dead_after:
+            if not worker.remote:
+                continue
+            if now - worker.last_heard > self.dead_after:
                 worker.dead = f"was silent for more than {self.dead_after:g} s (killed, frozen, cut off, or stuck in one request)"
                 raise self._died(worker)
+            if now - worker.last_heard > _SILENCE_CHECK:
+                try:
+                    self.socket.send_multipart([worker.identity, m.HEARTBEAT_FRAME], zmq.NOBLOCK)
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.EHOSTUNREACH:
+                        worker.dead = _DISCONNECTED
+                        raise self._died(worker) from None
 
     def _collect_channels(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         for worker in [worker for worker in pending if worker.channel]:

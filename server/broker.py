@@ -34,6 +34,7 @@ from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
 
 MAX_MESSAGE_BYTES = 1 << 20  # control messages are small; a socket facing the network refuses larger frames
+_FRESH_HEARTBEATS = 2.5  # a worker is leased out only if heard from within this many heartbeat intervals
 
 
 @dataclass
@@ -196,15 +197,14 @@ class Broker:
         """Picks free workers with enough slots for `envs` and sends each JOIN. A new lease
         replaces the trainer's last one, unless add=True: one more worker that hosts all `envs`
         (a lost worker's replacement)."""
-        wanted, free = message["envs"], [r for r in self.workers.values() if r.lessee is None]
+        wanted, free = message["envs"], self._free_workers()
         if message.get("add"):
             leased = [r for r in free if r.slots >= wanted][:1]
             if not leased:
                 raise RuntimeError(f"the farm has no free worker with {wanted} slots (free: {sorted(r.slots for r in free)})")
         else:
             self._release(trainer)
-            free = [r for r in self.workers.values() if r.lessee is None]
-            leased = []
+            free, leased = self._free_workers(), []
             for record in free:
                 if wanted <= 0:
                     break
@@ -219,6 +219,11 @@ class Broker:
         self.trainers[trainer] = time.monotonic()
         workers = [[r.identity, r.slots, r.host, r.pid, r.key] for r in leased]
         return m.make(m.LEASED, message["rid"], workers=workers, dead_after=self.dead_after)
+
+    def _free_workers(self) -> list[RegisteredWorker]:
+        """Unleased workers that were heard from lately: one that died a moment ago is not leased out."""
+        heard_since = time.monotonic() - _FRESH_HEARTBEATS * m.HEARTBEAT_INTERVAL
+        return [r for r in self.workers.values() if r.lessee is None and r.last_seen >= heard_since]
 
     def _release(self, trainer: bytes) -> None:
         """Frees the trainer's workers; each is told to close its envs and wait for the next lease."""

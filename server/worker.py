@@ -140,9 +140,12 @@ class Worker:
             return e if self.channel.requests.seq.value == seq else None
         return message if self.channel.requests.seq.value == seq else None
 
-    def from_socket(self) -> dict[str, Any] | ProtocolError:
+    def from_socket(self) -> dict[str, Any] | ProtocolError | None:
+        frames = self.data.recv_multipart(copy=False)
+        if len(frames) == 1 and frames[0].bytes == m.HEARTBEAT_FRAME:  # a farm trainer's probe that the connection stands
+            return None
         try:
-            return unpack([frame.buffer for frame in self.data.recv_multipart(copy=False)], allow_pickle=self.trusted)
+            return unpack([frame.buffer for frame in frames], allow_pickle=self.trusted)
         except ProtocolError as e:
             return e
 
