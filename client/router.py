@@ -75,6 +75,7 @@ def _exit_reason(process: Any) -> str:
 _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
 _SILENCE_CHECK = 0.25  # seconds between looks at the farm workers' heartbeats while waiting
 _MAX_EARLY = 1024  # early HELLOs kept, at most
+MAX_FARM_FRAME_BYTES = 1 << 30  # the largest frame a farm trainer accepts: a worker's block of observations fits
 _DISCONNECTED = "lost its connection (killed, or its host went away)"
 
 
@@ -143,6 +144,8 @@ class Router:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer must fail, not vanish
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a farm worker that reconnects keeps its identity
         self.socket.setsockopt(zmq.LINGER, 0)
+        if broker is not None:  # a port on the network: bound what a stranger can make it buffer
+            self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FARM_FRAME_BYTES)
         self.admitted: set[bytes] = set()  # with curve: the public keys of the leased workers
         self._authenticator = None
         self.server_key: str | None = None

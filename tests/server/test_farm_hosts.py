@@ -5,6 +5,7 @@ by the test and removed afterwards. Traffic goes only to the test's own namespac
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,82 @@ def test_two_trainers_and_a_restart_across_hosts(hosts):
             finally:
                 first.close()
                 second.close()
+
+
+HOSTILE = """
+import os, sys, time, zmq
+context = zmq.Context()
+for endpoint in sys.argv[1:]:
+    for identity in (b"W-hostile", b"T-hostile", b"stranger"):
+        peer = context.socket(zmq.DEALER)
+        peer.setsockopt(zmq.IDENTITY, identity)
+        peer.setsockopt(zmq.LINGER, 2000)
+        peer.connect(endpoint)
+        for frames in ([b"\\xc1garbage"], [b"", b"\\x81\\xa1x" + b"\\x91" * 5000], [b"", b"\\xff" * 64, b"\\x00"], [os.urandom(32)], [b"", bytes(2 << 20)]):
+            peer.send_multipart(frames)
+        peer.close()
+    huge = context.socket(zmq.DEALER)
+    huge.setsockopt(zmq.LINGER, 0)
+    huge.connect(endpoint)
+    huge.send_multipart([b"", bytes((1 << 30) + 1)])  # over both limits: the receiver drops this connection
+    time.sleep(1)
+    huge.close()
+context.term()
+"""
+
+
+def test_faults_across_hosts(hosts):
+    """Hostile frames from another host, a broker restart, a frozen and a killed worker: each
+    outcome as documented, the other trainers untouched, nothing left behind."""
+    (ns_a, _), (ns_b, _) = hosts
+    with running_broker("tcp://0.0.0.0:0", dead_after=2.5) as broker:
+        port = broker.endpoint.rsplit(":", 1)[1]
+        farm = f"tcp://{HEAD}:{port}"
+        with workers_of(broker, [remote_worker(ns_a, port)] * 3) as processes:
+            envs = envfarm.make_vec("CartPole-v1", 4, broker=farm)
+            sync = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
+            rng = np.random.default_rng(3)
+            try:
+                assert_same(sync.reset(seed=4), envs.reset(seed=4))
+                # Malformed and oversized frames, from host b, to the broker's port and the trainer's.
+                hostile = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "-c", HOSTILE, farm, envs._router.endpoint], timeout=30)
+                assert hostile.returncode == 0
+                for actions in rng.integers(0, 2, (50, 4)):
+                    assert_same(sync.step(actions), envs.step(actions))
+
+                # The broker restarts: training goes on, and the new broker learns the leases from the workers.
+                broker.stop()
+                time.sleep(0.5)
+                with running_broker(f"tcp://0.0.0.0:{port}", dead_after=2.5) as again:
+                    for actions in rng.integers(0, 2, (50, 4)):
+                        assert_same(sync.step(actions), envs.step(actions))
+                    assert wait_until(lambda: sum(r.lessee is not None for r in again.workers.values()) == 2, 15)
+
+                    # A frozen worker is reported after dead_after.
+                    victim = envs._workers[0]
+                    frozen = next(p for p in processes if p.pid == victim.pid)
+                    frozen.send_signal(signal.SIGSTOP)
+                    start = time.monotonic()
+                    with pytest.raises(envfarm.WorkerDiedError, match=rf"pid {victim.pid}.*was silent for more than 2.5 s"):
+                        while True:
+                            envs.step(envs.action_space.sample())
+                    assert time.monotonic() - start < 2.5 + 1.0
+                    envs.close()
+                    frozen.send_signal(signal.SIGCONT)  # back: it leaves the closed trainer's lease, and serves again
+                    assert wait_until(lambda: len(again.workers) == 3 and all(r.lessee is None for r in again.workers.values()), 15)
+
+                    # A killed worker is reported as soon as its connection drops.
+                    second = envfarm.make_vec("CartPole-v1", 2, broker=farm)
+                    try:
+                        second.reset(seed=0)
+                        os.kill(second._workers[0].pid, signal.SIGKILL)
+                        start = time.monotonic()
+                        with pytest.raises(envfarm.WorkerDiedError, match="lost its connection"):
+                            while True:
+                                second.step(second.action_space.sample())
+                        assert time.monotonic() - start < 1.0
+                    finally:
+                        second.close()
+            finally:
+                envs.close()
+                sync.close()
