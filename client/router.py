@@ -10,6 +10,7 @@ cut off is reported by name within a deadline instead of being waited for.
 
 from __future__ import annotations
 
+import ipaddress
 import multiprocessing
 import secrets
 import signal
@@ -116,7 +117,9 @@ def farm_endpoint(broker: str, listen: str | None) -> tuple[str, str]:
     """Where a trainer's data socket binds, and the host farm workers are told to connect to.
 
     `listen` is "host" or "host:port"; by default, this host's address on its route to the broker
-    (which the workers reach too), and a free port.
+    (which the workers reach too), and a free port. A trainer that reaches its broker on loopback
+    binds every interface: the broker then tells its workers the address it sees the trainer at,
+    which is how workers in containers reach a trainer on their host.
     """
     host, port = listen or "", ""
     if host.count(":") == 1:
@@ -127,7 +130,9 @@ def farm_endpoint(broker: str, listen: str | None) -> tuple[str, str]:
         with sockets.socket(sockets.AF_INET, sockets.SOCK_DGRAM) as probe:  # sends nothing: only picks the route
             probe.connect((broker[len("tcp://") :].rsplit(":", 1)[0], 9))
             host = probe.getsockname()[0]
-    return f"tcp://{sockets.gethostbyname(host)}:{port or '*'}", host
+    address = sockets.gethostbyname(host)
+    bind = "0.0.0.0" if listen is None and ipaddress.ip_address(address).is_loopback else address
+    return f"tcp://{bind}:{port or '*'}", host
 
 
 class Router:

@@ -38,7 +38,8 @@ from gymnasium.vector.utils import batch_differing_spaces, batch_space
 from envfarm.channel import TrainerChannels
 from envfarm.channel import available as channel_available
 from envfarm.client.errors import FarmError, WorkerDiedError, rebuild
-from envfarm.client.launch import available_cpus, partition, start_local_workers
+from envfarm.client.launch import partition, start_local_workers
+from envfarm.cpus import available_cpus
 from envfarm.client.batch_buffer import BatchBuffer
 from envfarm.client.segments import Segment
 from envfarm.client.router import Router, WorkerHandle, farm_endpoint

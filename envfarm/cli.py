@@ -39,10 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a farm worker that serves a broker's trainers")
     worker.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
-    worker.add_argument("--slots", type=int, default=8, help="envs this worker hosts at most (default 8)")
+    worker.add_argument("--slots", type=int, default=8, help="envs each worker process hosts at most (default 8)")
+    worker.add_argument("--processes", default="1", help="worker processes: a number, or 'auto' for one per CPU this container or host may use (its cgroup quota, not the host's cores); a process that dies is replaced (default 1)")
+    worker.add_argument("--alive-file", help="touch this file at every heartbeat, for a health check: `envfarm alive FILE`")
     worker.add_argument("--curve-secret", help="CurveZMQ: this worker's secret key file")
     worker.add_argument("--broker-key", help="CurveZMQ: the broker's public key file")
     worker.add_argument("--allow", default=None, help="comma-separated env id patterns it builds, e.g. 'CartPole-*,ALE/*' (default: Gymnasium's registered ids)")
+
+    alive = commands.add_parser("alive", help="exit 0 if a farm worker touched FILE (--alive-file) lately: a container health check")
+    alive.add_argument("file")
+    alive.add_argument("--within", type=float, default=10.0, help="seconds (default 10)")
 
     status = commands.add_parser("status", help="show a broker's workers, their slots and leases")
     status.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
@@ -100,20 +106,29 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     if args.command == "worker":
-        from envfarm.server.worker import run_farm_worker
+        from envfarm.cpus import available_cpus
+        from envfarm.server.worker import run_farm_workers
 
         if args.slots < 1:
             print("envfarm worker: --slots must be at least 1", file=sys.stderr)
+            return 2
+        processes = available_cpus() if args.processes == "auto" else int(args.processes) if args.processes.isdigit() else 0
+        if processes < 1:
+            print(f"envfarm worker: --processes must be a positive number or 'auto', got {args.processes!r}", file=sys.stderr)
             return 2
         if bool(args.curve_secret) != bool(args.broker_key):
             print("envfarm worker: --curve-secret and --broker-key go together", file=sys.stderr)
             return 2
         curve = (args.curve_secret, args.broker_key) if args.curve_secret else None
         try:
-            run_farm_worker(args.broker, args.slots, args.allow.split(",") if args.allow else None, curve)
+            run_farm_workers(args.broker, args.slots, processes, args.allow.split(",") if args.allow else None, curve, args.alive_file)
         except KeyboardInterrupt:
             pass
         return 0
+    if args.command == "alive":
+        from envfarm.server.worker import is_alive
+
+        return 0 if is_alive(args.file, args.within) else 1
     if args.command == "status":
         from envfarm.status import show_status
 

@@ -20,6 +20,7 @@ The broker decodes only control messages, never with pickles, and never blocks o
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import threading
 import time
@@ -50,6 +51,19 @@ class RegisteredWorker:
     steps: int = 0  # env steps it has served (its own count, reported with each heartbeat)
     steps_per_s: float = 0.0  # over its last heartbeat interval, for `envfarm status`
     last_seen: float = field(default_factory=time.monotonic)
+
+
+def _reachable(endpoint: str, peer_address: str) -> str:
+    """A trainer's data endpoint as its workers can reach it. A trainer on the broker's host, which
+    reaches it on loopback, advertises a loopback address; if the broker sees it from elsewhere
+    (its port is published from a container), that address is where the workers find it too."""
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    try:
+        if ipaddress.ip_address(host).is_loopback and not ipaddress.ip_address(peer_address).is_loopback:
+            return f"tcp://{peer_address}:{port}"
+    except ValueError:  # a host name, or no peer address (ipc): as given
+        pass
+    return endpoint
 
 
 def set_tcp_heartbeats(socket: zmq.Socket) -> None:
@@ -108,19 +122,20 @@ class Broker:
         """Handles every message already queued, without a poll between them."""
         while True:
             try:
-                identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if identity.startswith(m.WORKER_PREFIX):
-                self._from_worker(identity, frames)
-            elif identity.startswith(m.TRAINER_PREFIX) and identity.endswith(m.HEARTBEAT_SUFFIX):
-                trainer = identity[: -len(m.HEARTBEAT_SUFFIX)]
+            sender = identity.bytes
+            if sender.startswith(m.WORKER_PREFIX):
+                self._from_worker(sender, [f.bytes for f in frames])
+            elif sender.startswith(m.TRAINER_PREFIX) and sender.endswith(m.HEARTBEAT_SUFFIX):
+                trainer = sender[: -len(m.HEARTBEAT_SUFFIX)]
                 if trainer in self.trainers:
                     self.trainers[trainer] = time.monotonic()
-            elif identity.startswith(m.TRAINER_PREFIX) and len(frames) > 1 and frames[0] == b"":
-                if identity in self.trainers:
-                    self.trainers[identity] = time.monotonic()
-                self._from_trainer(identity, frames[1:])
+            elif sender.startswith(m.TRAINER_PREFIX) and len(frames) > 1 and frames[0].bytes == b"":
+                if sender in self.trainers:
+                    self.trainers[sender] = time.monotonic()
+                self._from_trainer(sender, [f.bytes for f in frames[1:]], frames[0].get("Peer-Address"))
 
     def _send(self, frames: list[Any]) -> None:
         # Never blocks: a peer that is gone (EHOSTUNREACH) or does not read (its queue is full:
@@ -166,20 +181,20 @@ class Broker:
             elif record.joined:  # it left its lease (its trainer closed it, or gave it up for lost)
                 record.lessee, record.lease, record.joined = None, None, False
 
-    def _from_trainer(self, trainer: bytes, frames: list[bytes]) -> None:
+    def _from_trainer(self, trainer: bytes, frames: list[bytes], peer_address: str) -> None:
         rid = 0
         try:
             message = m.check(unpack(frames))
             rid = message["rid"]
-            reply = self._control(trainer, message)
+            reply = self._control(trainer, message, peer_address)
         except Exception as exc:
             reply = m.make(m.ERROR, rid, error=ErrorInfo.from_exception(exc).to_data())
         self._send([trainer, b"", *pack(reply)])
 
-    def _control(self, trainer: bytes, message: dict[str, Any]) -> dict[str, Any]:
+    def _control(self, trainer: bytes, message: dict[str, Any], peer_address: str) -> dict[str, Any]:
         kind, rid = message["kind"], message["rid"]
         if kind == m.LEASE:
-            return self._lease(trainer, message)
+            return self._lease(trainer, message, _reachable(message["endpoint"], peer_address))
         if kind == m.RELEASE:
             self._release(trainer)
             return m.make(m.RESULT, rid, errors=[])
@@ -193,7 +208,7 @@ class Broker:
             return m.make(m.RESULT, rid, errors=[], workers=workers, trainers=len(self.trainers))
         raise ProtocolError(f"the broker does not serve {kind} messages")
 
-    def _lease(self, trainer: bytes, message: dict[str, Any]) -> dict[str, Any]:
+    def _lease(self, trainer: bytes, message: dict[str, Any], endpoint: str) -> dict[str, Any]:
         """Picks free workers with enough slots for `envs` and sends each JOIN. A new lease
         replaces the trainer's last one, unless add=True: one more worker that hosts all `envs`
         (a lost worker's replacement)."""
@@ -214,7 +229,7 @@ class Broker:
                 raise RuntimeError(f"the farm has {sum(r.slots for r in free)} free slots, {message['envs']} were asked for")
         for record in leased:
             record.lessee, record.lease, record.joined = trainer, secrets.token_hex(8), False
-            join = m.make(m.JOIN, 0, endpoint=message["endpoint"], server_key=message["server_key"], lease=record.lease, trainer=trainer)
+            join = m.make(m.JOIN, 0, endpoint=endpoint, server_key=message["server_key"], lease=record.lease, trainer=trainer)
             self._send([record.identity, *pack(join)])
         self.trainers[trainer] = time.monotonic()
         workers = [[r.identity, r.slots, r.host, r.pid, r.key] for r in leased]

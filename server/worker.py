@@ -12,9 +12,12 @@ STEP, CALL, SET_ATTR and CLOSE. A malformed message gets an ERROR reply and the 
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any, Sequence
 
@@ -42,11 +45,63 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def run_farm_worker(broker: str, slots: int, allow: Sequence[str] | None = None, curve: tuple[str, str] | None = None) -> None:
+def run_farm_workers(
+    broker: str,
+    slots: int,
+    processes: int = 1,
+    allow: Sequence[str] | None = None,
+    curve: tuple[str, str] | None = None,
+    alive_file: str | None = None,
+) -> None:
     """Entry point of `envfarm worker`: serves leases from the broker until killed.
-    `curve`: (this worker's secret key file, the broker's public key file)."""
+
+    One process: this one is the worker. More: each worker is a child process, and one that dies
+    (an env that crashes its process) is replaced a second later, while the others serve on.
+    `curve`: (this worker's secret key file, the broker's public key file). `alive_file` is
+    touched at every heartbeat, for a container's health check (`envfarm alive FILE`).
+    """
     keys = (load_key_pair(curve[0]), load_public_key(curve[1])) if curve is not None else None
-    FarmWorker(broker, m.WORKER_PREFIX + os.urandom(15), slots, allow, keys).serve()
+    if processes == 1:
+        _serve_farm(broker, slots, allow, keys, alive_file)
+        return
+    context = multiprocessing.get_context("spawn")
+    arguments = (broker, slots, allow, keys, alive_file, os.getpid())
+    children = [context.Process(target=_serve_farm_child, args=arguments, daemon=True) for _ in range(processes)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `docker stop`: the children go too (PDEATHSIG)
+    try:
+        for child in children:
+            child.start()
+        while True:
+            multiprocessing.connection.wait([child.sentinel for child in children])
+            for i, child in enumerate(children):
+                if child.exitcode is not None:
+                    print(f"envfarm worker: process {child.pid} exited with code {child.exitcode}; starting another", file=sys.stderr, flush=True)
+                    time.sleep(1.0)  # no busy loop of crashes
+                    children[i] = context.Process(target=_serve_farm_child, args=arguments, daemon=True)
+                    children[i].start()
+    finally:
+        for child in children:
+            child.kill()
+        for child in children:
+            child.join(5)
+
+
+def _serve_farm(broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None) -> None:
+    FarmWorker(broker, m.WORKER_PREFIX + os.urandom(15), slots, allow, keys, alive_file).serve()
+
+
+def _serve_farm_child(broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None, parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the children
+    die_with_parent(parent_pid)
+    _serve_farm(broker, slots, allow, keys, alive_file)
+
+
+def is_alive(alive_file: str, within: float) -> bool:
+    """Whether a farm worker touched `alive_file` in the last `within` seconds (`envfarm alive`)."""
+    try:
+        return time.time() - os.path.getmtime(alive_file) <= within
+    except OSError:
+        return False
 
 
 def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
@@ -158,9 +213,10 @@ class FarmWorker(Worker):
     trainer or from the broker, ends it: its envs are closed and it waits for the next lease.
     """
 
-    def __init__(self, broker: str, identity: bytes, slots: int, allow: Sequence[str] | None, curve: tuple[KeyPair, bytes] | None):
+    def __init__(self, broker: str, identity: bytes, slots: int, allow: Sequence[str] | None, curve: tuple[KeyPair, bytes] | None, alive_file: str | None = None):
         super().__init__(identity, trusted=False, allow=allow)
         self.curve = curve
+        self.alive_file = alive_file
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, identity)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -200,6 +256,9 @@ class FarmWorker(Worker):
             return
         self.next_heartbeat = time.monotonic() + m.HEARTBEAT_INTERVAL
         self.registration["steps"] = self.steps
+        if self.alive_file is not None:
+            with open(self.alive_file, "a"):
+                os.utime(self.alive_file)
         try:
             if self.data is not None:
                 self.data.send(m.HEARTBEAT_FRAME, zmq.NOBLOCK)

@@ -36,14 +36,25 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker():
         pytest.skip(base.stderr.strip())
     assert base.returncode == 0, base.stderr[-2000:]
     project, port = f"eftest{os.getpid()}", str(20000 + os.getpid() % 20000)
-    environment = {"ENVFARM_BASE": base.stdout.strip(), "ENVFARM_OFFLINE": "1", "ENVFARM_PORT": port}
+    # The workers run as this user, so that the trainer here shares memory with them.
+    environment = {"ENVFARM_BASE": base.stdout.strip(), "ENVFARM_OFFLINE": "1", "ENVFARM_PORT": port, "ENVFARM_UID": str(os.getuid())}
     broker = f"tcp://127.0.0.1:{port}"
     try:
         built = compose(project, environment, "up", "-d", "--build", "--scale", "worker=2")
         assert built.returncode == 0, built.stderr[-2000:]
-        assert wait_until(lambda: _workers(broker) == 2, 60), "the workers did not register"
+        assert wait_until(lambda: _workers(broker) == 2, 60), "the workers did not register"  # one process per container's CPU
+        containers = compose(project, environment, "ps", "-q", "worker").stdout.split()
+        assert wait_until(lambda: all(_health(c) == "healthy" for c in containers), 60), "the workers' health checks did not pass"
+        quota = subprocess.run(
+            ["docker", "run", "--rm", "--cpus", "1", "--entrypoint", "python3", "envfarm:latest", "-c",
+             "import os; from envfarm.cpus import available_cpus; print(available_cpus(), os.cpu_count())"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert quota.stdout.split()[0] == "1", quota.stdout + quota.stderr  # the cgroup quota, not the host's cores
         envs = envfarm.make_vec("CartPole-v1", 4, broker=broker, on_failure="restart")
         try:
+            # Workers in containers reach the trainer on this host, and share its memory.
+            assert all(worker.shared_memory for worker in envs._workers)
             envs.reset(seed=0)
             for _ in range(2000):
                 envs.step(envs.action_space.sample())
@@ -64,6 +75,10 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker():
     networks = subprocess.run(["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
     volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
     assert left.stdout.strip() == networks.stdout.strip() == volumes.stdout.strip() == ""
+
+
+def _health(container: str) -> str:
+    return subprocess.run(["docker", "inspect", "-f", "{{.State.Health.Status}}", container], capture_output=True, text=True).stdout.strip()
 
 
 def _workers(broker: str) -> int:

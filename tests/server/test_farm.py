@@ -305,3 +305,35 @@ def test_an_oversized_frame_is_refused_and_the_broker_goes_on(farm):
     envs.reset(seed=0)
     envs.step(envs.action_space.sample())
     envs.close()
+
+
+def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(tmp_path):
+    alive = tmp_path / "alive"
+    with running_broker(dead_after=2.5) as broker:
+        command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2", "--processes", "2", "--alive-file", str(alive)]
+        host = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        try:
+            assert wait_until(lambda: len(broker.workers) == 2, 30), "the two worker processes did not register"
+            healthy = subprocess.run([sys.executable, "-m", "envfarm", "alive", str(alive)], timeout=30)
+            assert healthy.returncode == 0
+            first = {record.pid for record in broker.workers.values()}
+            os.kill(min(first), signal.SIGKILL)  # an env crashed its process
+            assert wait_until(lambda: len({r.pid for r in broker.workers.values()} - first) == 1 and len(broker.workers) == 2, 20)
+            envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint)  # both serve
+            envs.reset(seed=0)
+            envs.close()
+        finally:
+            host.terminate()  # `docker stop`: the children go with it
+            host.wait(10)
+        assert "exited with code -9; starting another" in host.stderr.read()
+        children = {record.pid for record in broker.workers.values()}
+        assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10), "a worker process outlived its parent"
+        time.sleep(1)
+        stale = subprocess.run([sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "0.5"], timeout=30)
+        assert stale.returncode == 1
+
+
+def test_worker_arguments_are_checked():
+    for processes in ("0", "many"):
+        result = subprocess.run([sys.executable, "-m", "envfarm", "worker", "--broker", "tcp://127.0.0.1:9", "--processes", processes], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and "--processes must be a positive number or 'auto'" in result.stderr
