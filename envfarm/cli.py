@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-shared-memory", action="store_true", help="send observations on the socket")
     run.add_argument("--context", choices=["fork", "spawn", "forkserver"], default=None)
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--broker", help="lease the envs' workers from a farm broker (e.g. tcp://head:5555) instead of starting local ones")
+    run.add_argument("--on-failure", choices=["raise", "restart"], default="raise", help="with --broker: what a lost worker does (default raise)")
 
     broker = commands.add_parser("broker", help="run a farm broker that leases workers to trainers")
     broker.add_argument("--bind", default="tcp://0.0.0.0:5555", help="endpoint for workers and trainers (default tcp://0.0.0.0:5555)")
@@ -79,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_random_policy(
                 args.env_id, args.num_envs, args.steps, seed=args.seed, env_kwargs=args.env_kwargs,
                 num_workers=args.num_workers, shared_memory=not args.no_shared_memory, context=args.context,
+                broker=args.broker, on_failure=args.on_failure,
             )
-        except gym.error.Error as e:
+        except (gym.error.Error, ValueError) as e:
             print(f"envfarm run: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""`envfarm run`: a random policy in a local farm, with a progress line and a summary."""
+"""`envfarm run`: a random policy in a local farm (or on a farm's workers), with a progress line and a summary."""
 
 from __future__ import annotations
 

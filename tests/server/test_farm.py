@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -337,3 +338,14 @@ def test_worker_arguments_are_checked():
     for processes in ("0", "many"):
         result = subprocess.run([sys.executable, "-m", "envfarm", "worker", "--broker", "tcp://127.0.0.1:9", "--processes", processes], capture_output=True, text=True, timeout=30)
         assert result.returncode == 2 and "--processes must be a positive number or 'auto'" in result.stderr
+
+
+def test_envfarm_run_on_a_farm(farm):
+    result = subprocess.run(
+        [sys.executable, "-m", "envfarm", "run", "CartPole-v1", "--num-envs", "8", "--steps", "2000", "--broker", farm.endpoint,
+         "--on-failure", "restart", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["num_workers"] == 2 and summary["steps"] >= 2000 and summary["episodes"] > 0  # two 4-slot farm workers
