@@ -245,7 +245,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         its slots; the broker tells them to connect to this trainer, and each will say HELLO."""
         if self._broker not in self._router.workers.values():
             self._router.add(self._broker)
-        lease = {"envs": num_envs, "endpoint": self._router.endpoint, "server_key": self._router.server_key, "add": add}
+        lease = {"envs": num_envs, "env_id": self._remote_env["env_id"], "endpoint": self._router.endpoint, "server_key": self._router.server_key, "add": add}
         try:
             reply = self._router.ask(m.LEASE, {self._broker: lease}, timeout)[self._broker]
         except multiprocessing.TimeoutError:

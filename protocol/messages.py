@@ -15,15 +15,15 @@ request, so a late reply to an abandoned request is recognised and dropped. The 
 
 In farm mode a broker leases workers to trainers and introduces them; it is not on the data path:
 
-    worker  -> HELLO   {version, pid, host, slots, key, lease, lessee, steps}    every HEARTBEAT_INTERVAL
-    trainer -> LEASE   {envs, endpoint, server_key, add?}   -> LEASED {workers: [[identity, slots, host, pid, key], ...], dead_after}
+    worker  -> HELLO   {version, pid, host, slots, allow, key, lease, lessee, steps}    every HEARTBEAT_INTERVAL
+    trainer -> LEASE   {envs, env_id, endpoint, server_key, add?}   -> LEASED {workers: [[identity, slots, host, pid, key], ...], dead_after}
     broker  -> JOIN    {endpoint, server_key, lease, trainer}   the worker connects to the trainer's endpoint
     trainer -> RELEASE {}                                   -> RESULT {}
     anyone  -> STATUS  {}                                   -> RESULT {workers: [{...}], trainers}
     broker  -> CLOSE   {}                                   the lease is over
 
 A farm worker's HELLO to the broker doubles as its heartbeat: `slots` (envs it hosts at most),
-`key` (its CurveZMQ public key, or None), `lease` and `lessee` (the lease it serves, so that a
+`allow` (the env id patterns it builds, or None: any registered id), `key` (its CurveZMQ public key, or None), `lease` and `lessee` (the lease it serves, so that a
 restarted broker learns the farm's state from the workers), `steps` (env steps served). On JOIN
 it connects a second socket to the trainer, says HELLO there, and from then on the trainer talks
 to it exactly as to a local worker; it sends an empty frame (HEARTBEAT_FRAME) there every
@@ -78,7 +78,7 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     CLOSE: {},
     RESULT: {"errors": _list},
     ERROR: {"error": dict},
-    LEASE: {"envs": int, "endpoint": str, "server_key": (str, type(None))},
+    LEASE: {"envs": int, "env_id": str, "endpoint": str, "server_key": (str, type(None))},
     LEASED: {"workers": _list, "dead_after": (int, float)},
     JOIN: {"endpoint": str, "server_key": (str, type(None)), "lease": str, "trainer": bytes},
     RELEASE: {},

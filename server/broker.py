@@ -20,6 +20,7 @@ The broker decodes only control messages, never with pickles, and never blocks o
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import secrets
 import threading
@@ -45,6 +46,7 @@ class RegisteredWorker:
     host: str
     pid: int
     key: str | None  # its CurveZMQ public key (z85), handed to its lessee
+    allow: list[str] | None  # the env id patterns it builds (None: any id registered there)
     lessee: bytes | None = None
     lease: str | None = None  # the token of its current lease
     joined: bool = False  # it has reported serving `lease`: from then on, reporting another means it left
@@ -162,8 +164,11 @@ class Broker:
         lease, lessee, steps = hello.get("lease"), hello.get("lessee"), hello.get("steps")
         record = self.workers.get(worker)
         if record is None:
-            slots, key = hello.get("slots"), hello.get("key")
-            record = RegisteredWorker(worker, slots if type(slots) is int and slots > 0 else 1, hello["host"], hello["pid"], key if isinstance(key, str) else None)
+            slots, key, allow = hello.get("slots"), hello.get("key"), hello.get("allow")
+            record = RegisteredWorker(
+                worker, slots if type(slots) is int and slots > 0 else 1, hello["host"], hello["pid"], key if isinstance(key, str) else None,
+                [str(pattern) for pattern in allow] if isinstance(allow, list) else None,
+            )
             self.workers[worker] = record
             if isinstance(lease, str) and isinstance(lessee, bytes) and lessee.startswith(m.TRAINER_PREFIX):
                 # It serves a lease this broker has not seen (it restarted): the lease stands until
@@ -212,21 +217,24 @@ class Broker:
         """Picks free workers with enough slots for `envs` and sends each JOIN. A new lease
         replaces the trainer's last one, unless add=True: one more worker that hosts all `envs`
         (a lost worker's replacement)."""
-        wanted, free = message["envs"], self._free_workers()
+        wanted, env_id = message["envs"], message["env_id"]
         if message.get("add"):
+            free = self._free_workers(env_id)
             leased = [r for r in free if r.slots >= wanted][:1]
             if not leased:
-                raise RuntimeError(f"the farm has no free worker with {wanted} slots (free: {sorted(r.slots for r in free)})")
+                raise RuntimeError(f"the farm has no free worker with {wanted} slots for {env_id!r} (free: {sorted(r.slots for r in free)})")
         else:
             self._release(trainer)
-            free, leased = self._free_workers(), []
+            free, leased = self._free_workers(env_id), []
             for record in free:
                 if wanted <= 0:
                     break
                 leased.append(record)
                 wanted -= record.slots
             if wanted > 0:
-                raise RuntimeError(f"the farm has {sum(r.slots for r in free)} free slots, {message['envs']} were asked for")
+                others = sum(r.slots for r in self._free_workers()) - sum(r.slots for r in free)
+                besides = f" (and {others} for other env ids)" if others else ""
+                raise RuntimeError(f"the farm has {sum(r.slots for r in free)} free slots for {env_id!r}{besides}, {message['envs']} were asked for")
         for record in leased:
             record.lessee, record.lease, record.joined = trainer, secrets.token_hex(8), False
             join = m.make(m.JOIN, 0, endpoint=endpoint, server_key=message["server_key"], lease=record.lease, trainer=trainer)
@@ -235,10 +243,15 @@ class Broker:
         workers = [[r.identity, r.slots, r.host, r.pid, r.key] for r in leased]
         return m.make(m.LEASED, message["rid"], workers=workers, dead_after=self.dead_after)
 
-    def _free_workers(self) -> list[RegisteredWorker]:
-        """Unleased workers that were heard from lately: one that died a moment ago is not leased out."""
+    def _free_workers(self, env_id: str | None = None) -> list[RegisteredWorker]:
+        """Unleased workers that were heard from lately (one that died a moment ago is not leased
+        out) and, given `env_id`, that allow it."""
         heard_since = time.monotonic() - _FRESH_HEARTBEATS * m.HEARTBEAT_INTERVAL
-        return [r for r in self.workers.values() if r.lessee is None and r.last_seen >= heard_since]
+        return [
+            r for r in self.workers.values()
+            if r.lessee is None and r.last_seen >= heard_since
+            and (env_id is None or r.allow is None or any(fnmatch.fnmatchcase(env_id, pattern) for pattern in r.allow))
+        ]
 
     def _release(self, trainer: bytes) -> None:
         """Frees the trainer's workers; each is told to close its envs and wait for the next lease."""

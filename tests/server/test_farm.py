@@ -14,8 +14,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import zmq
+import zmq.auth
 from compare import assert_same
-from farms import running_broker, start_farm
+from farms import running_broker, start_farm, workers_of
 from polling import wait_until
 
 import envfarm
@@ -49,7 +50,7 @@ def test_two_trainers_share_the_farm_and_leases_come_back(farm):
     second = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
     try:
         assert {w.identity for w in first._workers}.isdisjoint(w.identity for w in second._workers)
-        with pytest.raises(RuntimeError, match="the farm has 0 free slots, 4 were asked for"):
+        with pytest.raises(RuntimeError, match="the farm has 0 free slots for 'CartPole-v1', 4 were asked for"):
             envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint, startup_timeout=10)
         first.reset(seed=0)
         second.reset(seed=1)
@@ -151,14 +152,32 @@ def test_a_frozen_worker_that_comes_back_registers_again(quick_farm):
     envs.close()
 
 
-def test_a_worker_builds_only_the_envs_it_allows():
-    with start_farm(1, 2, "--allow", "Pendulum-*") as (broker, _):
-        with pytest.raises(Exception, match=r"'CartPole-v1' is not allowed on this worker \(--allow Pendulum-\*\)"):
-            envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint)
-        envs = envfarm.make_vec("Pendulum-v1", 2, broker=broker.endpoint)
-        envs.reset(seed=0)
-        envs.step(envs.action_space.sample())
-        envs.close()
+def test_workers_are_leased_only_for_the_envs_they_allow():
+    with running_broker() as broker:
+        worker = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2"]
+        with workers_of(broker, [worker + ["--allow", "Pendulum-*"], worker]):
+            restricted = next(r.identity for r in broker.workers.values() if r.allow == ["Pendulum-*"])
+            with pytest.raises(RuntimeError, match=r"the farm has 2 free slots for 'CartPole-v1' \(and 2 for other env ids\), 4 were asked for"):
+                envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint)
+            cartpole = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint)  # the unrestricted worker
+            pendulum = envfarm.make_vec("Pendulum-v1", 2, broker=broker.endpoint)  # the one that allows it
+            try:
+                assert [w.identity for w in pendulum._workers] == [restricted]
+                for envs in (cartpole, pendulum):
+                    envs.reset(seed=0)
+                    envs.step(envs.action_space.sample())
+            finally:
+                cartpole.close()
+                pendulum.close()
+
+
+def test_a_worker_refuses_ids_it_does_not_allow_even_if_asked_directly():
+    from envfarm.server.requests import RequestHandler
+
+    handler = RequestHandler(trusted=False, allow=["Pendulum-*"])
+    create = {"kind": "create", "rid": 1, "envs": [0], "source": {"env_id": "CartPole-v1", "kwargs": {}}, "autoreset_mode": "NextStep"}
+    reply = handler.respond(create)
+    assert reply["kind"] == "error" and "'CartPole-v1' is not allowed on this worker (--allow Pendulum-*)" in reply["error"]["message"]
 
 
 def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
@@ -175,9 +194,28 @@ def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
     worker_curve = ("--curve-secret", str(tmp_path / "worker.key_secret"), "--broker-key", broker_key)
     with start_farm(1, 2, *worker_curve, curve=(str(tmp_path / "broker.key_secret"), str(clients))) as (broker, _):
         envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, curve=(str(tmp_path / "trainer.key_secret"), broker_key))
-        envs.reset(seed=0)
-        envs.step(envs.action_space.sample())
-        envs.close()
+        try:
+            envs.reset(seed=0)
+            # Peers posing as the leased worker on the trainer's data port, in plaintext and with a
+            # key the trainer did not lease: refused, so their garbage never reaches the trainer
+            # (which would take it for the worker's, and fail).
+            context = zmq.Context()
+            for keys in (None, zmq.auth.load_certificate(str(tmp_path / "stranger.key_secret"))):
+                impostor = context.socket(zmq.DEALER)
+                impostor.setsockopt(zmq.IDENTITY, envs._workers[0].identity)
+                impostor.setsockopt(zmq.LINGER, 0)
+                if keys is not None:
+                    impostor.curve_publickey, impostor.curve_secretkey = keys
+                    impostor.curve_serverkey = zmq.auth.load_certificate(str(tmp_path / "trainer.key"))[0]
+                impostor.connect(envs._router.endpoint)
+                impostor.send_multipart([b"\xc1garbage"])
+                time.sleep(0.5)
+                impostor.close()
+            context.term()
+            for _ in range(20):
+                envs.step(envs.action_space.sample())
+        finally:
+            envs.close()
         for curve in ((str(tmp_path / "stranger.key_secret"), broker_key), None):  # unlisted, then plaintext
             with pytest.raises(multiprocessing.TimeoutError, match="is this trainer's public key among its clients"):
                 envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, curve=curve, startup_timeout=2)
