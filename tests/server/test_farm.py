@@ -257,7 +257,7 @@ def test_restart_without_capacity_is_a_clear_error(quick_farm):
         envs.reset(seed=0)
         processes[0].kill()
         time.sleep(0.5)  # its connection is gone: the next send finds out
-        with pytest.raises(envfarm.WorkerDiedError, match=r"no capacity left to restart it: the farm has no free worker with 2 slots \(free: \[\]\)"):
+        with pytest.raises(envfarm.WorkerDiedError, match=r"no capacity left to restart it: the farm has no free worker with 2 slots for 'CartPole-v1' \(free: \[\]\)"):
             for _ in range(1000):
                 envs.step(envs.action_space.sample())
     finally:
