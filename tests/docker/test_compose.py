@@ -21,16 +21,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.skipif(os.environ.get("ENVFARM_DOCKER_TESTS") != "1", reason="set ENVFARM_DOCKER_TESTS=1 to run the Docker tests")
 
 
-def compose(project: str, environment: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["docker-compose", "-p", project, *args], cwd=ROOT, env={**os.environ, **environment},
-        capture_output=True, text=True, timeout=timeout,
-    )
+COMPOSE_COMMANDS = {"docker-compose": ["docker-compose"], "docker compose": ["docker", "compose"]}
 
 
-def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker():
-    if not shutil.which("docker-compose"):
-        pytest.skip("docker-compose is not installed")
+def compose_available(command: list[str]) -> bool:
+    return shutil.which(command[0]) is not None and subprocess.run([*command, "version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("compose_command", COMPOSE_COMMANDS.values(), ids=COMPOSE_COMMANDS.keys())
+def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_command):
+    if not compose_available(compose_command):
+        pytest.skip(f"{' '.join(compose_command)} is not installed")
+
+    def compose(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*compose_command, "-p", project, *args], cwd=ROOT, env={**os.environ, **environment},
+            capture_output=True, text=True, timeout=600,
+        )
+
     base = subprocess.run([os.path.join(ROOT, "docker", "build-base.sh")], capture_output=True, text=True, timeout=900)
     if base.returncode == 3:
         pytest.skip(base.stderr.strip())
@@ -40,10 +48,10 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker():
     environment = {"ENVFARM_BASE": base.stdout.strip(), "ENVFARM_OFFLINE": "1", "ENVFARM_PORT": port, "ENVFARM_UID": str(os.getuid())}
     broker = f"tcp://127.0.0.1:{port}"
     try:
-        built = compose(project, environment, "up", "-d", "--build", "--scale", "worker=2")
+        built = compose("up", "-d", "--build", "--scale", "worker=2")
         assert built.returncode == 0, built.stderr[-2000:]
         assert wait_until(lambda: _workers(broker) == 2, 60), "the workers did not register"  # one process per container's CPU
-        containers = compose(project, environment, "ps", "-q", "worker").stdout.split()
+        containers = compose("ps", "-q", "worker").stdout.split()
         assert wait_until(lambda: all(_health(c) == "healthy" for c in containers), 60), "the workers' health checks did not pass"
         quota = subprocess.run(
             ["docker", "run", "--rm", "--cpus", "1", "--entrypoint", "python3", "envfarm:latest", "-c",
@@ -69,7 +77,7 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker():
         finally:
             envs.close()
     finally:
-        down = compose(project, environment, "down", "-v", "--remove-orphans")
+        down = compose("down", "-v", "--remove-orphans")
         assert down.returncode == 0, down.stderr[-2000:]
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
     networks = subprocess.run(["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """The deployment files: Compose, Swarm and Kubernetes, checked without a cluster.
 
 Each is validated against its schema (Kubernetes' own, through kubernetes-validate; Compose's,
-through docker-compose or `docker stack config` where installed), and every envfarm command in
+through docker-compose, `docker compose` and `docker stack config` where installed), and every envfarm command in
 them (entrypoint arguments and health checks) must parse with envfarm's own command line.
 """
 
@@ -81,10 +81,12 @@ def test_compose_files_match_the_compose_schema(path):
     checks = []
     if shutil.which("docker-compose"):
         checks.append(["docker-compose", "-f", path, "config", "-q"])
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        checks.append(["docker", "compose", "-f", path, "config", "-q"])
     if shutil.which("docker") and path.endswith("swarm.yml") and subprocess.run(["docker", "stack", "config", "--help"], capture_output=True).returncode == 0:
         checks.append(["docker", "stack", "config", "-c", path])
     if not checks:
-        pytest.skip("neither docker-compose nor `docker stack config` is installed")
+        pytest.skip("none of docker-compose, `docker compose` and `docker stack config` is installed")
     for command in checks:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
