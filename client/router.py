@@ -10,6 +10,7 @@ cut off is reported by name within a deadline instead of being waited for.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import multiprocessing
 import secrets
@@ -18,7 +19,7 @@ import socket as sockets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import zmq
 
@@ -45,6 +46,7 @@ class WorkerHandle:
     inline: Any = None  # a RequestHandler run in the trainer's own process (inline_worker=True)
     dead: str = ""  # why, once it is known to be gone
     last_heard: float = 0.0  # a farm worker: when its last message or heartbeat arrived
+    connected: bool = False  # it said HELLO on this trainer's socket
 
     @property
     def remote(self) -> bool:
@@ -76,6 +78,7 @@ def _exit_reason(process: Any) -> str:
 _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
 _SILENCE_CHECK = 0.25  # seconds between looks at the farm workers' heartbeats while waiting
 _MAX_EARLY = 1024  # early HELLOs kept, at most
+_ADMISSION_WAIT = 2.0  # seconds a connecting worker's key may wait for the lease that admits it
 MAX_FARM_FRAME_BYTES = 1 << 30  # the largest frame a farm trainer accepts: a worker's block of observations fits
 _DISCONNECTED = "lost its connection (killed, or its host went away)"
 
@@ -144,45 +147,65 @@ class Router:
         at `advertise` (host) and its port. `curve`: (this trainer's keys, the broker's public
         key); the ROUTER then admits only the workers leased to it."""
         self.trusted = trusted
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer must fail, not vanish
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a farm worker that reconnects keeps its identity
-        self.socket.setsockopt(zmq.LINGER, 0)
-        if broker is not None:  # a port on the network: bound what a stranger can make it buffer
-            self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FARM_FRAME_BYTES)
-        self.admitted: set[bytes] = set()  # with curve: the public keys of the leased workers
-        self._authenticator = None
-        self.server_key: str | None = None
-        if broker is not None and curve is not None:
-            self._authenticator = secure_server(self.context, self.socket, curve[0], self.admitted.__contains__)
-            self.server_key = curve[0][0].decode()
-        self.socket.bind(endpoint)
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        if advertise is not None:
-            self.endpoint = f"tcp://{advertise}:{self.endpoint.rsplit(':', 1)[1]}"
-        self.poller = zmq.Poller()
-        self.poller.register(self.socket, zmq.POLLIN)
-        self.broker: zmq.Socket | None = None
-        self.dead_after: float | None = None  # set by the broker's lease: how long a farm worker may be silent
-        self._next_probe = 0.0
-        if broker is not None:
-            self.broker = self.context.socket(zmq.DEALER)
-            self.broker.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
-            self.broker.setsockopt(zmq.LINGER, 0)
-            self.broker.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
-            self.broker.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-            if curve is not None:
-                secure_client(self.broker, *curve)
-            self.broker.connect(broker)
-            self.poller.register(self.broker, zmq.POLLIN)
-            self._heartbeat = _Heartbeat(broker, self.broker.getsockopt(zmq.IDENTITY) + m.HEARTBEAT_SUFFIX, curve)
         self.workers: dict[bytes, WorkerHandle] = {}
         self._sentinels: dict[int, WorkerHandle] = {}
         self._next_rid = 0
         self.channels: TrainerChannels | None = None
         self._arrived: dict[WorkerHandle, dict[str, Any]] = {}  # replies that came by another way than the poll
         self._early: dict[bytes, dict[str, Any]] = {}  # HELLOs of farm workers that beat their LEASED reply here
+        self._admitted: set[bytes] = set()  # with curve: the public keys of the workers leased to this trainer
+        self._admission = threading.Condition()
+        self.server_key = curve[0][0].decode() if broker is not None and curve is not None else None
+        self.dead_after: float | None = None  # set by the broker's lease: how long a farm worker may be silent
+        self._patience: float | None = None
+        self._next_probe = 0.0
+        self.broker: zmq.Socket | None = None
+        self._authenticator = None
+        self.context = zmq.Context()
+        try:
+            self.socket = self.context.socket(zmq.ROUTER)
+            self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer must fail, not vanish
+            self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a farm worker that reconnects keeps its identity
+            self.socket.setsockopt(zmq.LINGER, 0)
+            if broker is not None:  # a port on the network: bound what a stranger can make it buffer
+                self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FARM_FRAME_BYTES)
+            if self.server_key is not None:
+                self._authenticator = secure_server(self.context, self.socket, curve[0], self._admits)
+            self.socket.bind(endpoint)
+            self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            if advertise is not None:
+                self.endpoint = f"tcp://{advertise}:{self.endpoint.rsplit(':', 1)[1]}"
+            self.poller = zmq.Poller()
+            self.poller.register(self.socket, zmq.POLLIN)
+            if broker is not None:
+                self.broker = self.context.socket(zmq.DEALER)
+                self.broker.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
+                self.broker.setsockopt(zmq.LINGER, 0)
+                self.broker.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
+                self.broker.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+                if curve is not None:
+                    secure_client(self.broker, *curve)
+                self.broker.connect(broker)
+                self.poller.register(self.broker, zmq.POLLIN)
+        except BaseException:  # a port taken, a broker address that does not parse: free what was made
+            if self._authenticator is not None:
+                self._authenticator.stop()
+            self.context.destroy(linger=0)
+            raise
+        if broker is not None:
+            self._heartbeat = _Heartbeat(broker, self.broker.getsockopt(zmq.IDENTITY) + m.HEARTBEAT_SUFFIX, curve)
+
+    def admit(self, key: str) -> None:
+        """Lets a worker with this Curve public key (z85) connect: one leased to this trainer."""
+        with self._admission:
+            self._admitted.add(key.encode())
+            self._admission.notify_all()
+
+    def _admits(self, key: bytes) -> bool:
+        # Runs in the authenticator's thread. A leased worker may connect before this trainer has
+        # read the lease that names it (the broker sends JOIN first), so its key is waited for.
+        with self._admission:
+            return self._admission.wait_for(lambda: key in self._admitted, _ADMISSION_WAIT)
 
     def add(self, worker: WorkerHandle) -> None:
         self.workers[worker.identity] = worker
@@ -305,6 +328,16 @@ class Router:
             else:
                 self._on_exit(fd, pending, replies)
 
+    @contextlib.contextmanager
+    def patience(self, seconds: float) -> Iterator[None]:
+        """Allows farm workers `seconds` of silence instead of dead_after: a worker building its
+        envs cannot send heartbeats, and building them may take longer than dead_after."""
+        self._patience = seconds
+        try:
+            yield
+        finally:
+            self._patience = None
+
     def _check_silence(self, pending: dict[WorkerHandle, int]) -> None:
         """Fails the wait for a farm worker that is silent for dead_after, or whose connection is
         gone (a killed process: its host closes the connection, and a probe finds no route)."""
@@ -312,13 +345,14 @@ class Router:
         if self.dead_after is None or now < self._next_probe:
             return
         self._next_probe = now + _SILENCE_CHECK
+        allowed = self._patience or self.dead_after
         for worker in pending:
             if not worker.remote:
                 continue
-            if now - worker.last_heard > self.dead_after:
-                worker.dead = f"was silent for more than {self.dead_after:g} s (killed, frozen, cut off, or stuck in one request)"
+            if now - worker.last_heard > allowed:
+                worker.dead = f"was silent for more than {allowed:g} s (killed, frozen, cut off, or stuck in one request)"
                 raise self._died(worker)
-            if now - worker.last_heard > _SILENCE_CHECK:
+            if worker.connected and now - worker.last_heard > _SILENCE_CHECK:
                 try:
                     self.socket.send_multipart([worker.identity, m.HEARTBEAT_FRAME], zmq.NOBLOCK)
                 except zmq.ZMQError as e:
@@ -351,13 +385,17 @@ class Router:
             except zmq.Again:
                 return
             worker = self.workers.get(identity.bytes)
+            heartbeat = len(frames) == 1 and frames[0].bytes == m.HEARTBEAT_FRAME
+            if worker is not None and worker.dead and worker.remote:
+                if heartbeat:  # given up for lost, yet back: it must leave this trainer's lease
+                    self._send_quietly(identity.bytes, m.make(m.CLOSE, 0))
+                    continue
+                worker = None  # a HELLO: it was leased to this trainer anew
             if worker is None:
                 self._keep_early_hello(identity.bytes, frames)
                 continue
             worker.last_heard = time.monotonic()
-            if len(frames) == 1 and frames[0].bytes == m.HEARTBEAT_FRAME:
-                if worker.dead:  # given up for lost, yet back: it must leave this trainer's lease
-                    self._send_quietly(identity.bytes, m.make(m.CLOSE, 0))
+            if heartbeat:
                 continue
             try:
                 message = unpack([f.buffer for f in frames], allow_pickle=self.trusted)
@@ -411,7 +449,7 @@ class Router:
         if pending.get(worker) != message["rid"]:  # a late reply to an abandoned request
             return
         if message["kind"] == m.HELLO:
-            worker.pid, worker.host = message["pid"], message["host"]
+            worker.pid, worker.host, worker.connected = message["pid"], message["host"], True
         replies[worker] = message
         del pending[worker]
 

@@ -176,7 +176,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self._segments: list[BatchBuffer | TrainerChannels] = []
         self._release = weakref.finalize(self, _release, self._router, self._workers, self._segments)
         try:
-            self._start(startup_timeout)
+            with self._router.patience(startup_timeout):  # farm workers building envs send no heartbeats
+                self._start(startup_timeout)
         except BaseException:
             self._release()
             raise
@@ -259,7 +260,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         for identity, slots, host, pid, key in reply["workers"]:
             block = range(start, min(start + slots, first_index + num_envs))
             if key is not None:
-                self._router.admitted.add(key.encode())
+                self._router.admit(key)
             worker = WorkerHandle(len(self._workers) + len(workers), identity, block, pid=pid, host=host, last_heard=time.monotonic())
             workers.append(worker)
             self._router.add(worker)
@@ -605,12 +606,12 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 targets = [replacement if target is worker else target for target in targets]
                 replies[replacement] = reply if name == "reset_wait" else _truncated_by_restart(reply)
         except multiprocessing.TimeoutError:
-            self._state, self._pending = AsyncState.DEFAULT, None
             raise multiprocessing.TimeoutError(f"The call to `{name}` has timed out after {timeout} second(s).") from None
         except FarmError as e:
-            self._state, self._pending, self._failure = AsyncState.DEFAULT, None, e
+            self._failure = e
             raise
-        self._state, self._pending = AsyncState.DEFAULT, None
+        finally:
+            self._state, self._pending = AsyncState.DEFAULT, None
         return [(worker, replies[worker]) for worker in targets]
 
     def _restart(self, lost: WorkerHandle) -> tuple[WorkerHandle, dict[str, Any]]:
@@ -626,18 +627,22 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         except RuntimeError as e:
             raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; no capacity left to restart it: {e}", lost) from None
         worker.index = lost.index
+        try:
+            with self._router.patience(DEFAULT_STARTUP_TIMEOUT):
+                self._router.gather(0, [worker], DEFAULT_STARTUP_TIMEOUT)  # its HELLO
+                for kind, fields in (
+                    (m.CREATE, self._create_fields(worker)),
+                    (m.ATTACH, {"obs": self._buffer.descriptor, "channel": None}),
+                    (m.RESET, {"envs": list(worker.env_ids), "seeds": [None] * len(worker.env_ids), "options": None}),
+                ):
+                    reply = self._router.ask(kind, {worker: fields}, DEFAULT_STARTUP_TIMEOUT)[worker]
+                    if kind == m.ATTACH:
+                        worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
+                    else:
+                        self._raise_errors([(worker, reply)])
+        except Exception as e:
+            raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; restarting it on {worker.describe()} failed: {type(e).__name__}: {e}", lost) from e
         self._workers[self._workers.index(lost)] = worker
-        self._router.gather(0, [worker], DEFAULT_STARTUP_TIMEOUT)  # its HELLO
-        for kind, fields in (
-            (m.CREATE, self._create_fields(worker)),
-            (m.ATTACH, {"obs": self._buffer.descriptor, "channel": None}),
-            (m.RESET, {"envs": list(worker.env_ids), "seeds": [None] * len(worker.env_ids), "options": None}),
-        ):
-            reply = self._router.ask(kind, {worker: fields}, DEFAULT_STARTUP_TIMEOUT)[worker]
-            if kind == m.ATTACH:
-                worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
-            else:
-                self._raise_errors([(worker, reply)])
         return worker, reply
 
     @staticmethod

@@ -26,6 +26,7 @@ class SyntheticEnv(gym.Env):
         slow_step_probability: Chance that a step costs `slow_step_factor` times more (a heavy
             tail, as physics solvers and renderers have), drawn from the env's own RNG.
         slow_step_factor: How much more a slow step costs.
+        build_seconds: How long construction takes (sleeping), as a simulator loading its assets.
     """
 
     metadata = {"render_modes": []}
@@ -37,7 +38,9 @@ class SyntheticEnv(gym.Env):
         episode_length: int = 1000,
         slow_step_probability: float = 0.0,
         slow_step_factor: float = 10.0,
+        build_seconds: float = 0.0,
     ):
+        time.sleep(build_seconds)
         self.step_cost_ns = int(step_cost_us * 1000)
         self.slow_step_probability = slow_step_probability
         self.slow_step_factor = slow_step_factor

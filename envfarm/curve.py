@@ -7,8 +7,8 @@
 
 The broker admits only peers whose public key file (`*.key`) is in its clients directory; an
 unlisted or plaintext peer gets no connection at all. A trainer's data socket, which its leased
-workers connect to, is a Curve server too: it admits exactly the keys of the workers it leased,
-which the broker vouches for. Off by default: on ipc and loopback the operating system already
+workers connect to, is a Curve server too: it admits only the keys of workers leased to it, as
+the broker reports them. Off by default: on ipc and loopback the operating system already
 confines who can connect; on a real network, turn it on.
 """
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import re
 import secrets
 import threading
 import time
@@ -36,6 +37,7 @@ from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
 
 MAX_MESSAGE_BYTES = 1 << 20  # control messages are small; a socket facing the network refuses larger frames
+_TCP_ENDPOINT = re.compile(r"tcp://[^\s/]+:\d{1,5}")
 _FRESH_HEARTBEATS = 2.5  # a worker is leased out only if heard from within this many heartbeat intervals
 
 
@@ -53,6 +55,13 @@ class RegisteredWorker:
     steps: int = 0  # env steps it has served (its own count, reported with each heartbeat)
     steps_per_s: float = 0.0  # over its last heartbeat interval, for `envfarm status`
     last_seen: float = field(default_factory=time.monotonic)
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    try:
+        return frame.get("Peer-Address")
+    except zmq.ZMQError:  # a transport without one (inproc)
+        return ""
 
 
 def _reachable(endpoint: str, peer_address: str) -> str:
@@ -79,8 +88,8 @@ class Broker:
     """Serves one ROUTER socket until `stop()`."""
 
     def __init__(self, bind: str, dead_after: float = 5.0, curve: tuple[str, str] | None = None):
-        """`dead_after`: a worker silent this long (no heartbeat, no reply: dead, frozen, cut off,
-        or stuck in one request) is lost; trainers use the same deadline for their workers.
+        """`dead_after`: a worker silent this long (dead, frozen, cut off, or stuck in one request)
+        is struck off; trainers use the same deadline for the workers they lease.
         `curve`: (this broker's secret key file, directory of admitted public keys): CurveZMQ."""
         if dead_after <= 2 * m.HEARTBEAT_INTERVAL:
             raise ValueError(f"dead_after must exceed two heartbeat intervals ({2 * m.HEARTBEAT_INTERVAL} s), got {dead_after}")
@@ -137,7 +146,7 @@ class Broker:
             elif sender.startswith(m.TRAINER_PREFIX) and len(frames) > 1 and frames[0].bytes == b"":
                 if sender in self.trainers:
                     self.trainers[sender] = time.monotonic()
-                self._from_trainer(sender, [f.bytes for f in frames[1:]], frames[0].get("Peer-Address"))
+                self._from_trainer(sender, [f.bytes for f in frames[1:]], _peer_address(frames[0]))
 
     def _send(self, frames: list[Any]) -> None:
         # Never blocks: a peer that is gone (EHOSTUNREACH) or does not read (its queue is full:
@@ -160,7 +169,7 @@ class Broker:
         except ProtocolError:
             return
         if hello["kind"] != m.HELLO:
-            return  # a reply to the broker's CLOSE: nothing to do
+            return  # workers send the broker nothing else
         lease, lessee, steps = hello.get("lease"), hello.get("lessee"), hello.get("steps")
         record = self.workers.get(worker)
         if record is None:
@@ -199,6 +208,10 @@ class Broker:
     def _control(self, trainer: bytes, message: dict[str, Any], peer_address: str) -> dict[str, Any]:
         kind, rid = message["kind"], message["rid"]
         if kind == m.LEASE:
+            if not _TCP_ENDPOINT.fullmatch(message["endpoint"]):
+                raise ProtocolError(f"a trainer's endpoint must be tcp://host:port, got {message['endpoint']!r:.80}")
+            if message["server_key"] is not None and len(message["server_key"]) != 40:
+                raise ProtocolError("a trainer's server_key must be a Curve public key: 40 characters of z85")
             return self._lease(trainer, message, _reachable(message["endpoint"], peer_address))
         if kind == m.RELEASE:
             self._release(trainer)
@@ -206,7 +219,8 @@ class Broker:
         if kind == m.STATUS:
             now = time.monotonic()
             workers = [
-                {"id": r.identity.hex(), "host": r.host, "pid": r.pid, "slots": r.slots, "leased_to": r.lessee.hex() if r.lessee else None,
+                # Ids are cut short: a peer that knew a trainer's whole identity could speak for it.
+                {"id": r.identity.hex()[:12], "host": r.host, "pid": r.pid, "slots": r.slots, "leased_to": r.lessee.hex()[:12] if r.lessee else None,
                  "silent_s": round(now - r.last_seen, 1), "steps": r.steps, "steps_per_s": round(r.steps_per_s, 1)}
                 for r in self.workers.values()
             ]

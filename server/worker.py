@@ -80,9 +80,10 @@ def run_farm_workers(
                     children[i] = context.Process(target=_serve_farm_child, args=arguments, daemon=True)
                     children[i].start()
     finally:
-        for child in children:
+        started = [child for child in children if child.pid is not None]
+        for child in started:
             child.kill()
-        for child in children:
+        for child in started:
             child.join(5)
 
 
@@ -139,9 +140,9 @@ class Worker:
         """Opens the socket to a trainer and says HELLO on it."""
         self.data = self.context.socket(zmq.DEALER)
         self.data.setsockopt(zmq.IDENTITY, self.identity)
+        # No ZMTP heartbeats here: they would drop and remake the connection after a short network
+        # cut, losing the request in flight. The trainer judges this link by the worker's own.
         self.data.setsockopt(zmq.LINGER, 1000)
-        if endpoint.startswith("tcp://"):
-            set_tcp_heartbeats(self.data)
         if curve is not None:
             secure_client(self.data, *curve)
         self.data.connect(endpoint)
@@ -259,12 +260,13 @@ class FarmWorker(Worker):
         if self.alive_file is not None:
             with open(self.alive_file, "a"):
                 os.utime(self.alive_file)
-        try:
-            if self.data is not None:
-                self.data.send(m.HEARTBEAT_FRAME, zmq.NOBLOCK)
-            self.control.send_multipart(pack(self.registration), zmq.NOBLOCK)
-        except zmq.Again:  # a peer that does not read: it is the one that will notice
-            pass
+        # A peer that does not read (its queue is full) misses a heartbeat: it is the one to notice.
+        for socket_, frames in ((self.data, [m.HEARTBEAT_FRAME]), (self.control, pack(self.registration))):
+            if socket_ is not None:
+                try:
+                    socket_.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
 
     def connect(self, endpoint: str, curve: tuple[KeyPair, bytes] | None = None) -> None:
         super().connect(endpoint, curve)
@@ -293,6 +295,10 @@ class FarmWorker(Worker):
             self.disconnect()
             server_key = message["server_key"]
             curve = (self.curve[0], server_key.encode()) if self.curve is not None and server_key else None
-            self.connect(message["endpoint"], curve)
+            try:
+                self.connect(message["endpoint"], curve)
+            except (zmq.ZMQError, ValueError):  # an endpoint or key this worker cannot use: no lease
+                self.disconnect()
+                return
             self.registration["lease"], self.registration["lessee"] = message["lease"], message["trainer"]
             self.next_heartbeat = 0.0

@@ -21,7 +21,7 @@ from polling import wait_until
 
 import envfarm
 from envfarm.protocol import messages as m
-from envfarm.protocol.packing import unpack
+from envfarm.protocol.packing import pack, unpack
 
 
 @pytest.fixture
@@ -95,6 +95,11 @@ def test_malformed_frames_do_not_hurt_the_broker(farm):
         assert trainer.poll(5000)
         delimiter, *reply = trainer.recv_multipart()
         assert delimiter == b"" and unpack(reply)["kind"] == m.ERROR
+        for endpoint, key in (("tcp://no port", None), ("ipc:///tmp/x", None), ("tcp://127.0.0.1:9", "short")):  # nothing a worker could join
+            trainer.send_multipart([b"", *pack(m.make(m.LEASE, 7, envs=2, env_id="CartPole-v1", endpoint=endpoint, server_key=key))])
+            assert trainer.poll(5000)
+            _, *reply = trainer.recv_multipart()
+            assert unpack(reply)["kind"] == m.ERROR
         trainer.close()
     finally:
         context.term()
@@ -130,6 +135,18 @@ def test_a_lost_worker_is_reported_within_the_deadline(quick_farm, fault, outcom
             while True:
                 envs.step(envs.action_space.sample())
         assert time.monotonic() - start < within
+    finally:
+        envs.close()
+
+
+def test_envs_that_take_longer_than_dead_after_to_build_are_waited_for(quick_farm):
+    from envfarm.bench_envs import SYNTHETIC_ID
+
+    broker, _ = quick_farm  # dead_after 2.5 s; building sends no heartbeats, startup_timeout bounds it
+    envs = envfarm.make_vec(SYNTHETIC_ID, 2, broker=broker.endpoint, env_kwargs={"build_seconds": 2.0, "obs_shape": [4]})
+    try:
+        envs.reset(seed=0)
+        envs.step(envs.action_space.sample())
     finally:
         envs.close()
 
