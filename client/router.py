@@ -47,6 +47,8 @@ class WorkerHandle:
     dead: str = ""  # why, once it is known to be gone
     last_heard: float = 0.0  # a farm worker: when its last message or heartbeat arrived
     connected: bool = False  # it said HELLO on this trainer's socket
+    requests_sent: int = 0  # on the socket, to a farm worker: its heartbeats say how many it read
+    behind_since: float | None = None  # since when its heartbeats say it has not read them all
 
     @property
     def remote(self) -> bool:
@@ -78,6 +80,7 @@ def _exit_reason(process: Any) -> str:
 _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
 _SILENCE_CHECK = 0.25  # seconds between looks at the farm workers' heartbeats while waiting
 _MAX_EARLY = 1024  # early HELLOs kept, at most
+_LOST_REQUEST_AFTER = 1.5 * m.HEARTBEAT_INTERVAL
 _ADMISSION_WAIT = 2.0  # seconds a connecting worker's key may wait for the lease that admits it
 MAX_FARM_FRAME_BYTES = 1 << 30  # the largest frame a farm trainer accepts: a worker's block of observations fits
 _DISCONNECTED = "lost its connection (killed, or its host went away)"
@@ -237,6 +240,7 @@ class Router:
             return
         try:
             self.socket.send_multipart([worker.identity, *frames], copy=False)
+            worker.requests_sent += 1
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
@@ -385,7 +389,8 @@ class Router:
             except zmq.Again:
                 return
             worker = self.workers.get(identity.bytes)
-            heartbeat = len(frames) == 1 and frames[0].bytes == m.HEARTBEAT_FRAME
+            requests_read = m.read_worker_heartbeat([f.bytes for f in frames]) if len(frames) == 1 else None
+            heartbeat = requests_read is not None
             if worker is not None and worker.dead and worker.remote:
                 if heartbeat:  # given up for lost, yet back: it must leave this trainer's lease
                     self._send_quietly(identity.bytes, m.make(m.CLOSE, 0))
@@ -396,6 +401,7 @@ class Router:
                 continue
             worker.last_heard = time.monotonic()
             if heartbeat:
+                self._check_requests_read(worker, requests_read, pending)
                 continue
             try:
                 message = unpack([f.buffer for f in frames], allow_pickle=self.trusted)
@@ -403,6 +409,19 @@ class Router:
                 self._malformed(worker, e, pending)
                 continue
             self._accept(worker, message, pending, replies)
+
+    def _check_requests_read(self, worker: WorkerHandle, requests_read: int, pending: dict[WorkerHandle, int]) -> None:
+        """A worker sends heartbeats only while idle. Idle, yet it has not read every request sent
+        to it: one is on the way, or was lost with a connection the network reset. On the way
+        never lasts from one heartbeat to one more than an interval later."""
+        if requests_read < 0 or requests_read >= worker.requests_sent:
+            worker.behind_since = None
+        elif worker.behind_since is None:
+            worker.behind_since = worker.last_heard
+        elif worker.last_heard - worker.behind_since > _LOST_REQUEST_AFTER:
+            worker.dead = "lost a request (its connection was reset on the way)"
+            if worker in pending:
+                raise self._died(worker)
 
     def _keep_early_hello(self, identity: bytes, frames: list[zmq.Frame]) -> None:
         """A farm worker may say HELLO before this trainer has read the lease that names it."""

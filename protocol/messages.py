@@ -26,8 +26,9 @@ A farm worker's HELLO to the broker doubles as its heartbeat: `slots` (envs it h
 `allow` (the env id patterns it builds, or None: any registered id), `key` (its CurveZMQ public key, or None), `lease` and `lessee` (the lease it serves, so that a
 restarted broker learns the farm's state from the workers), `steps` (env steps served). On JOIN
 it connects a second socket to the trainer, says HELLO there, and from then on the trainer talks
-to it exactly as to a local worker; it sends an empty frame (HEARTBEAT_FRAME) there every
-HEARTBEAT_INTERVAL between requests, so the trainer notices silence itself.
+to it exactly as to a local worker; between requests it sends a heartbeat there every
+HEARTBEAT_INTERVAL (`worker_heartbeat`: how many requests it has read from that socket), so the
+trainer notices silence, and a request lost on the way, by itself.
 
 "envs" are global env indices; per-env errors travel as [[env index, error data], ...], so one
 failing env never hides the results of the others. The field types are checked by `check`.
@@ -41,7 +42,7 @@ from envfarm.protocol.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 WORKER_PREFIX, TRAINER_PREFIX = b"W", b"T"
-HEARTBEAT_FRAME = b""
+HEARTBEAT_FRAME = b""  # a heartbeat to the broker, and a trainer's probe of a worker's connection
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_SUFFIX = b"/hb"  # a trainer's heartbeat socket to the broker: its identity plus this
 
@@ -84,6 +85,19 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     RELEASE: {},
     STATUS: {},
 }
+
+
+def worker_heartbeat(requests_read: int) -> bytes:
+    """A farm worker's heartbeat to its trainer: one frame, the count of requests it has read from
+    its socket, 8 bytes little-endian (no message's header is that short)."""
+    return requests_read.to_bytes(8, "little")
+
+
+def read_worker_heartbeat(frames: list[bytes]) -> int | None:
+    """The count in a worker's heartbeat; -1 for an empty frame (a probe); None if not a heartbeat."""
+    if len(frames) != 1 or len(frames[0]) not in (0, 8):
+        return None
+    return int.from_bytes(frames[0], "little") if frames[0] else -1
 
 
 def make(kind: str, rid: int, **fields: Any) -> dict[str, Any]:

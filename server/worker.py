@@ -124,6 +124,7 @@ class Worker:
         self.allow = allow
         self.context = zmq.Context()
         self.data: zmq.Socket | None = None
+        self.requests_read = 0  # from the socket to the trainer: a farm worker's heartbeats say it
         self.requests = RequestHandler(trusted=trusted, allow=allow)
         self.channel: shm_channel.WorkerEnd | None = None
         self.hello = m.make(m.HELLO, 0, version=m.PROTOCOL_VERSION, pid=os.getpid(), host=socket.gethostname())
@@ -146,6 +147,7 @@ class Worker:
         if curve is not None:
             secure_client(self.data, *curve)
         self.data.connect(endpoint)
+        self.requests_read = 0
         self.send(self.hello)
 
     def disconnect(self) -> None:
@@ -200,6 +202,7 @@ class Worker:
         frames = self.data.recv_multipart(copy=False)
         if len(frames) == 1 and frames[0].bytes == m.HEARTBEAT_FRAME:  # a farm trainer's probe that the connection stands
             return None
+        self.requests_read += 1
         try:
             return unpack([frame.buffer for frame in frames], allow_pickle=self.trusted)
         except ProtocolError as e:
@@ -261,7 +264,7 @@ class FarmWorker(Worker):
             with open(self.alive_file, "a"):
                 os.utime(self.alive_file)
         # A peer that does not read (its queue is full) misses a heartbeat: it is the one to notice.
-        for socket_, frames in ((self.data, [m.HEARTBEAT_FRAME]), (self.control, pack(self.registration))):
+        for socket_, frames in ((self.data, [m.worker_heartbeat(self.requests_read)]), (self.control, pack(self.registration))):
             if socket_ is not None:
                 try:
                     socket_.send_multipart(frames, zmq.NOBLOCK)

@@ -404,3 +404,34 @@ def test_envfarm_run_on_a_farm(farm):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["num_workers"] == 2 and summary["steps"] >= 2000 and summary["episodes"] > 0  # two 4-slot farm workers
+
+
+def test_a_request_lost_on_the_way_is_not_waited_for(quick_farm):
+    # The network resetting a connection loses what was in flight; the worker, idle, heartbeats on.
+    broker, _ = quick_farm
+    envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, shared_memory=False)
+    try:
+        envs.reset(seed=0)
+        router, worker = envs._router, envs._workers[0]
+        worker.requests_sent += 1  # as if one more request had been sent, and lost
+        rid = router.new_rid()
+        start = time.monotonic()
+        with pytest.raises(envfarm.WorkerDiedError, match=r"lost a request \(its connection was reset on the way\)"):
+            router.gather(rid, [worker], None)  # no timeout: only the heartbeats can end this wait
+        assert time.monotonic() - start < 4.0
+    finally:
+        envs.close()
+
+
+def test_a_long_step_is_not_taken_for_a_lost_request(quick_farm):
+    from envfarm.bench_envs import SYNTHETIC_ID
+
+    broker, _ = quick_farm  # dead_after 2.5 s: a 2 s step stays under it, and spans two heartbeat intervals
+    envs = envfarm.make_vec(SYNTHETIC_ID, 2, broker=broker.endpoint, shared_memory=False, env_kwargs={"step_cost_us": 1_000_000, "obs_shape": [4]})
+    try:
+        envs.reset(seed=0)
+        for _ in range(3):
+            time.sleep(1.2)  # heartbeats queue up while the trainer is away
+            envs.step(envs.action_space.sample())
+    finally:
+        envs.close()
