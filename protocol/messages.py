@@ -15,7 +15,7 @@ request, so a late reply to an abandoned request is recognised and dropped. The 
 
 In farm mode a broker leases workers to trainers and introduces them; it is not on the data path:
 
-    worker  -> HELLO   {version, pid, host, slots, allow, key, lease, lessee, steps}    every HEARTBEAT_INTERVAL
+    worker  -> HELLO   {version, pid, host, slots, allow, lease, lessee, steps}    every HEARTBEAT_INTERVAL
     trainer -> LEASE   {envs, env_id, endpoint, server_key, add?}   -> LEASED {workers: [[identity, slots, host, pid, key], ...], dead_after}
     broker  -> JOIN    {endpoint, server_key, lease, trainer}   the worker connects to the trainer's endpoint
     trainer -> RELEASE {}                                   -> RESULT {}
@@ -23,8 +23,10 @@ In farm mode a broker leases workers to trainers and introduces them; it is not 
     broker  -> CLOSE   {}                                   the lease is over
 
 A farm worker's HELLO to the broker doubles as its heartbeat: `slots` (envs it hosts at most),
-`allow` (the env id patterns it builds, or None: any registered id), `key` (its CurveZMQ public key, or None), `lease` and `lessee` (the lease it serves, so that a
-restarted broker learns the farm's state from the workers), `steps` (env steps served). On JOIN
+`allow` (the env id patterns it builds, or None: any registered id), `lease` and `lessee` (the
+lease it serves, so that a restarted broker learns the farm's state from the workers), `steps`
+(env steps served). With CurveZMQ, the broker binds each worker's and trainer's identity to the
+key it proved, and hands a trainer the keys of the workers it leases (LEASED `key`). On JOIN
 it connects a second socket to the trainer, says HELLO there, and from then on the trainer talks
 to it exactly as to a local worker; between requests it sends a heartbeat there every
 HEARTBEAT_INTERVAL (`worker_heartbeat`: how many requests it has read from that socket), so the

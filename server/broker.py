@@ -47,7 +47,7 @@ class RegisteredWorker:
     slots: int
     host: str
     pid: int
-    key: str | None  # its CurveZMQ public key (z85), handed to its lessee
+    key: str | None  # the CurveZMQ public key (z85) it proved when it registered; handed to its lessee
     allow: list[str] | None  # the env id patterns it builds (None: any id registered there)
     lessee: bytes | None = None
     lease: str | None = None  # the token of its current lease
@@ -57,10 +57,10 @@ class RegisteredWorker:
     last_seen: float = field(default_factory=time.monotonic)
 
 
-def _peer_address(frame: zmq.Frame) -> str:
+def _frame_property(frame: zmq.Frame, name: str) -> str:
     try:
-        return frame.get("Peer-Address")
-    except zmq.ZMQError:  # a transport without one (inproc)
+        return frame.get(name)
+    except zmq.ZMQError:  # a transport or mechanism without it (inproc; no Curve)
         return ""
 
 
@@ -97,7 +97,9 @@ class Broker:
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a worker that reconnects keeps its identity
+        # No ROUTER_HANDOVER: a second connection under an identity in use is refused rather than
+        # handed the first one's messages (a reconnecting peer gets in once ZMTP heartbeats have
+        # closed its old connection, within HEARTBEAT_TIMEOUT).
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         set_tcp_heartbeats(self.socket)
@@ -108,6 +110,7 @@ class Broker:
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[bytes, RegisteredWorker] = {}
         self.trainers: dict[bytes, float] = {}  # trainers holding a lease: when each was last heard from
+        self.trainer_keys: dict[bytes, str | None] = {}  # with Curve, the key each of them proved
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -137,16 +140,26 @@ class Broker:
             except zmq.Again:
                 return
             sender = identity.bytes
+            if not frames:
+                continue
+            key = _frame_property(frames[0], "User-Id") or None  # with Curve: the sender's public key, proven
             if sender.startswith(m.WORKER_PREFIX):
-                self._from_worker(sender, [f.bytes for f in frames])
+                self._from_worker(sender, [f.bytes for f in frames], key)
             elif sender.startswith(m.TRAINER_PREFIX) and sender.endswith(m.HEARTBEAT_SUFFIX):
                 trainer = sender[: -len(m.HEARTBEAT_SUFFIX)]
-                if trainer in self.trainers:
+                if trainer in self.trainers and self._speaks_for(trainer, key):
                     self.trainers[trainer] = time.monotonic()
             elif sender.startswith(m.TRAINER_PREFIX) and len(frames) > 1 and frames[0].bytes == b"":
+                if not self._speaks_for(sender, key):
+                    continue
                 if sender in self.trainers:
                     self.trainers[sender] = time.monotonic()
-                self._from_trainer(sender, [f.bytes for f in frames[1:]], _peer_address(frames[0]))
+                self._from_trainer(sender, [f.bytes for f in frames[1:]], _frame_property(frames[0], "Peer-Address"))
+
+    def _speaks_for(self, trainer: bytes, key: str | None) -> bool:
+        """Whether a message under this trainer's identity comes from the key that holds it (a
+        trainer's identity is bound to its Curve key from its lease on; without Curve, None)."""
+        return self.trainer_keys.setdefault(trainer, key) == key if trainer in self.trainers else True
 
     def _send(self, frames: list[Any]) -> None:
         # Never blocks: a peer that is gone (EHOSTUNREACH) or does not read (its queue is full:
@@ -163,7 +176,7 @@ class Broker:
         for record in [r for r in self.workers.values() if r.last_seen < silent_since]:
             del self.workers[record.identity]
 
-    def _from_worker(self, worker: bytes, frames: list[bytes]) -> None:
+    def _from_worker(self, worker: bytes, frames: list[bytes], key: str | None) -> None:
         try:
             hello = m.check(unpack(frames))
         except ProtocolError:
@@ -172,10 +185,12 @@ class Broker:
             return  # workers send the broker nothing else
         lease, lessee, steps = hello.get("lease"), hello.get("lessee"), hello.get("steps")
         record = self.workers.get(worker)
+        if record is not None and record.key != key:
+            return  # another key under a registered worker's identity: not that worker
         if record is None:
-            slots, key, allow = hello.get("slots"), hello.get("key"), hello.get("allow")
+            slots, allow = hello.get("slots"), hello.get("allow")
             record = RegisteredWorker(
-                worker, slots if type(slots) is int and slots > 0 else 1, hello["host"], hello["pid"], key if isinstance(key, str) else None,
+                worker, slots if type(slots) is int and slots > 0 else 1, hello["host"], hello["pid"], key,
                 [str(pattern) for pattern in allow] if isinstance(allow, list) else None,
             )
             self.workers[worker] = record
@@ -270,6 +285,7 @@ class Broker:
     def _release(self, trainer: bytes) -> None:
         """Frees the trainer's workers; each is told to close its envs and wait for the next lease."""
         self.trainers.pop(trainer, None)
+        self.trainer_keys.pop(trainer, None)
         for record in self.workers.values():
             if record.lessee == trainer:
                 record.lessee, record.lease, record.joined = None, None, False

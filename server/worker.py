@@ -228,7 +228,7 @@ class FarmWorker(Worker):
         if curve is not None:
             secure_client(self.control, *curve)
         self.control.connect(broker)
-        self.registration = {**self.hello, "slots": slots, "allow": list(allow) if allow is not None else None, "key": curve[0][0].decode() if curve else None, "lease": None, "lessee": None, "steps": 0}
+        self.registration = {**self.hello, "slots": slots, "allow": list(allow) if allow is not None else None, "lease": None, "lessee": None, "steps": 0}
         self.next_heartbeat = 0.0
         self.steps = 0  # env steps served, for `envfarm status`
 

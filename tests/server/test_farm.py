@@ -231,6 +231,20 @@ def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
             context.term()
             for _ in range(20):
                 envs.step(envs.action_space.sample())
+            # A listed key speaking under the trainer's identity to the broker: ignored.
+            context = zmq.Context()
+            impostor = context.socket(zmq.DEALER)
+            impostor.setsockopt(zmq.IDENTITY, envs._router.broker.getsockopt(zmq.IDENTITY))
+            impostor.setsockopt(zmq.LINGER, 0)
+            impostor.curve_publickey, impostor.curve_secretkey = zmq.auth.load_certificate(str(tmp_path / "worker.key_secret"))
+            impostor.curve_serverkey = zmq.auth.load_certificate(broker_key)[0]
+            impostor.connect(broker.endpoint)
+            impostor.send_multipart([b"", *pack(m.make(m.RELEASE, 1))])
+            time.sleep(1)
+            impostor.close()
+            context.term()
+            assert all(record.lessee is not None for record in broker.workers.values())  # the lease stands
+            envs.step(envs.action_space.sample())
         finally:
             envs.close()
         for curve in ((str(tmp_path / "stranger.key_secret"), broker_key), None):  # unlisted, then plaintext
