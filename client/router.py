@@ -389,7 +389,7 @@ class Router:
             except zmq.Again:
                 return
             worker = self.workers.get(identity.bytes)
-            requests_read = m.read_worker_heartbeat([f.bytes for f in frames]) if len(frames) == 1 else None
+            requests_read = m.read_worker_heartbeat(frames[0].bytes) if len(frames) == 1 else None
             heartbeat = requests_read is not None
             if worker is not None and worker.dead and worker.remote:
                 if heartbeat:  # given up for lost, yet back: it must leave this trainer's lease

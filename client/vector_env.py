@@ -165,13 +165,15 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self._state = AsyncState.DEFAULT
         self._pending: tuple[int, list[WorkerHandle]] | None = None
         self._failure: FarmError | None = None
+        self._broker: WorkerHandle | None = None
         if broker is None:
             self._router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
         else:
             bind, advertise = farm_endpoint(broker, listen)
             keys = (load_key_pair(curve[0]), load_public_key(curve[1])) if curve is not None else None
             self._router = Router(bind, trusted=False, broker=broker, advertise=advertise, curve=keys)
-        self._broker = WorkerHandle(-1, b"", range(0), host="broker") if broker is not None else None
+            self._broker = WorkerHandle(-1, b"", range(0), host="broker")
+            self._router.add(self._broker)
         self._workers: list[WorkerHandle] = []
         self._segments: list[BatchBuffer | TrainerChannels] = []
         self._release = weakref.finalize(self, _release, self._router, self._workers, self._segments)
@@ -244,8 +246,6 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     def _lease(self, num_envs: int, timeout: float, first_index: int = 0, add: bool = False) -> list[WorkerHandle]:
         """Leases farm workers for `num_envs` envs and gives each a contiguous block of them, up to
         its slots; the broker tells them to connect to this trainer, and each will say HELLO."""
-        if self._broker not in self._router.workers.values():
-            self._router.add(self._broker)
         lease = {"envs": num_envs, "env_id": self._remote_env["env_id"], "endpoint": self._router.endpoint, "server_key": self._router.server_key, "add": add}
         try:
             reply = self._router.ask(m.LEASE, {self._broker: lease}, timeout)[self._broker]

@@ -95,11 +95,12 @@ def worker_heartbeat(requests_read: int) -> bytes:
     return requests_read.to_bytes(8, "little")
 
 
-def read_worker_heartbeat(frames: list[bytes]) -> int | None:
-    """The count in a worker's heartbeat; -1 for an empty frame (a probe); None if not a heartbeat."""
-    if len(frames) != 1 or len(frames[0]) not in (0, 8):
+def read_worker_heartbeat(frame: bytes) -> int | None:
+    """The count in a message of this one frame if it is a worker's heartbeat; -1 for an empty
+    frame (a probe); None if it is not a heartbeat."""
+    if len(frame) not in (0, 8):
         return None
-    return int.from_bytes(frames[0], "little") if frames[0] else -1
+    return int.from_bytes(frame, "little") if frame else -1
 
 
 def make(kind: str, rid: int, **fields: Any) -> dict[str, Any]:

@@ -228,9 +228,9 @@ class FarmWorker(Worker):
         if curve is not None:
             secure_client(self.control, *curve)
         self.control.connect(broker)
+        # "steps": env steps served, for `envfarm status`
         self.registration = {**self.hello, "slots": slots, "allow": list(allow) if allow is not None else None, "lease": None, "lessee": None, "steps": 0}
         self.next_heartbeat = 0.0
-        self.steps = 0  # env steps served, for `envfarm status`
 
     def serve(self) -> None:
         """Serves leases until the process is killed."""
@@ -259,7 +259,6 @@ class FarmWorker(Worker):
         if time.monotonic() < self.next_heartbeat:
             return
         self.next_heartbeat = time.monotonic() + m.HEARTBEAT_INTERVAL
-        self.registration["steps"] = self.steps
         if self.alive_file is not None:
             with open(self.alive_file, "a"):
                 os.utime(self.alive_file)
@@ -284,7 +283,7 @@ class FarmWorker(Worker):
 
     def serve_one(self, message: dict[str, Any] | ProtocolError | None) -> None:
         if isinstance(message, dict) and message.get("kind") == m.STEP and isinstance(message.get("envs"), list):
-            self.steps += len(message["envs"])
+            self.registration["steps"] += len(message["envs"])
         super().serve_one(message)
 
     def from_broker(self) -> None:

@@ -11,7 +11,18 @@ from typing import Any, Iterator
 
 from polling import wait_until
 
+import envfarm
 from envfarm.server.broker import Broker
+
+
+def assert_serves(broker: str, num_envs: int, env_id: str = "CartPole-v1", **options: Any) -> None:
+    """A trainer leases `num_envs` envs from the farm, resets and steps them once, and closes."""
+    envs = envfarm.make_vec(env_id, num_envs, broker=broker, **options)
+    try:
+        envs.reset(seed=0)
+        envs.step(envs.action_space.sample())
+    finally:
+        envs.close()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import pytest
 import zmq
 import zmq.auth
 from compare import assert_same
-from farms import running_broker, start_farm, workers_of
+from farms import assert_serves, running_broker, start_farm, workers_of
 from polling import wait_until
 
 import envfarm
@@ -59,12 +59,7 @@ def test_two_trainers_share_the_farm_and_leases_come_back(farm):
     finally:
         first.close()
         second.close()
-    again = envfarm.make_vec("CartPole-v1", 12, broker=farm.endpoint)  # every slot is free again
-    try:
-        again.reset(seed=0)
-        again.step(again.action_space.sample())
-    finally:
-        again.close()
+    assert_serves(farm.endpoint, 12)  # every slot is free again
 
 
 def test_farm_workers_take_no_code(farm):
@@ -72,8 +67,7 @@ def test_farm_workers_take_no_code(farm):
         envfarm.make_vec("CartPole-v1", 2, broker=farm.endpoint, wrappers=[gym.wrappers.RecordEpisodeStatistics])
     with pytest.raises(Exception, match="'module:Env' ids import code"):
         envfarm.make_vec(gym.envs.registration.EnvSpec("os:Nothing-v0", entry_point="os:getcwd"), 2, broker=farm.endpoint)
-    envs = envfarm.make_vec("CartPole-v1", 2, broker=farm.endpoint)  # the farm still serves
-    envs.close()
+    assert_serves(farm.endpoint, 2)  # the farm still serves
 
 
 def test_malformed_frames_do_not_hurt_the_broker(farm):
@@ -103,9 +97,7 @@ def test_malformed_frames_do_not_hurt_the_broker(farm):
         trainer.close()
     finally:
         context.term()
-    envs = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
-    envs.reset(seed=0)
-    envs.close()
+    assert_serves(farm.endpoint, 4)
 
 
 @pytest.fixture
@@ -143,12 +135,7 @@ def test_envs_that_take_longer_than_dead_after_to_build_are_waited_for(quick_far
     from envfarm.bench_envs import SYNTHETIC_ID
 
     broker, _ = quick_farm  # dead_after 2.5 s; building sends no heartbeats, startup_timeout bounds it
-    envs = envfarm.make_vec(SYNTHETIC_ID, 2, broker=broker.endpoint, env_kwargs={"build_seconds": 2.0, "obs_shape": [4]})
-    try:
-        envs.reset(seed=0)
-        envs.step(envs.action_space.sample())
-    finally:
-        envs.close()
+    assert_serves(broker.endpoint, 2, SYNTHETIC_ID, env_kwargs={"build_seconds": 2.0, "obs_shape": [4]})
 
 
 def test_a_frozen_worker_that_comes_back_registers_again(quick_farm):
@@ -163,10 +150,7 @@ def test_a_frozen_worker_that_comes_back_registers_again(quick_farm):
     while len(broker.workers) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(broker.workers) == 2
-    envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint)
-    envs.reset(seed=0)
-    envs.step(envs.action_space.sample())
-    envs.close()
+    assert_serves(broker.endpoint, 4)
 
 
 def test_workers_are_leased_only_for_the_envs_they_allow():
@@ -310,8 +294,7 @@ def test_a_vanished_trainer_loses_its_lease(quick_farm):
         trainer.kill()
         trainer.wait(10)
         assert wait_until(lambda: all(r.lessee is None for r in broker.workers.values()), 2.5 + 3)
-        envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint)  # the whole farm is free again
-        envs.close()
+        assert_serves(broker.endpoint, 4)  # the whole farm is free again
     finally:
         trainer.kill()
         trainer.wait(10)
@@ -351,7 +334,7 @@ def test_training_goes_on_through_a_broker_restart():
                 assert all(r.lessee for r in again.workers.values())
                 envs.close()
                 assert wait_until(lambda: all(r.lessee is None for r in again.workers.values()), 5)
-                envfarm.make_vec("CartPole-v1", 4, broker=again.endpoint).close()  # and serve the next trainer
+                assert_serves(again.endpoint, 4)  # and serve the next trainer
         finally:
             envs.close()
             sync.close()
@@ -371,10 +354,7 @@ def test_an_oversized_frame_is_refused_and_the_broker_goes_on(farm):
     finally:
         peer.close()
         context.term()
-    envs = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
-    envs.reset(seed=0)
-    envs.step(envs.action_space.sample())
-    envs.close()
+    assert_serves(farm.endpoint, 4)
 
 
 def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(tmp_path):
@@ -389,9 +369,7 @@ def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(t
             first = {record.pid for record in broker.workers.values()}
             os.kill(min(first), signal.SIGKILL)  # an env crashed its process
             assert wait_until(lambda: len({r.pid for r in broker.workers.values()} - first) == 1 and len(broker.workers) == 2, 20)
-            envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint)  # both serve
-            envs.reset(seed=0)
-            envs.close()
+            assert_serves(broker.endpoint, 4)  # both serve
         finally:
             host.terminate()  # `docker stop`: the children go with it
             host.wait(10)
