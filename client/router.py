@@ -80,7 +80,6 @@ def _exit_reason(process: Any) -> str:
 _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
 _SILENCE_CHECK = 0.25  # seconds between looks at the farm workers' heartbeats while waiting
 _MAX_EARLY = 1024  # early HELLOs kept, at most
-_LOST_REQUEST_AFTER = 1.5 * m.HEARTBEAT_INTERVAL
 _ADMISSION_WAIT = 2.0  # seconds a connecting worker's key may wait for the lease that admits it
 MAX_FARM_FRAME_BYTES = 1 << 30  # the largest frame a farm trainer accepts: a worker's block of observations fits
 _DISCONNECTED = "lost its connection (killed, or its host went away)"
@@ -412,13 +411,13 @@ class Router:
 
     def _check_requests_read(self, worker: WorkerHandle, requests_read: int, pending: dict[WorkerHandle, int]) -> None:
         """A worker sends heartbeats only while idle. Idle, yet it has not read every request sent
-        to it: one is on the way, or was lost with a connection the network reset. On the way
-        never lasts from one heartbeat to one more than an interval later."""
+        to it: one is on the way (slow on a loaded host), or was lost with a connection the
+        network reset. On the way for as long as a worker may be silent, it counts as lost."""
         if requests_read < 0 or requests_read >= worker.requests_sent:
             worker.behind_since = None
         elif worker.behind_since is None:
             worker.behind_since = worker.last_heard
-        elif worker.last_heard - worker.behind_since > _LOST_REQUEST_AFTER:
+        elif worker.last_heard - worker.behind_since > (self._patience or self.dead_after):
             worker.dead = "lost a request (its connection was reset on the way)"
             if worker in pending:
                 raise self._died(worker)
