@@ -155,10 +155,12 @@ class Broker:
                 if sender in self.trainers:
                     self.trainers[sender] = time.monotonic()
                 self._from_trainer(sender, [f.bytes for f in frames[1:]], _frame_property(frames[0], "Peer-Address"))
+                self._speaks_for(sender, key)  # a lease just made binds the identity to this key
 
     def _speaks_for(self, trainer: bytes, key: str | None) -> bool:
-        """Whether a message under this trainer's identity comes from the key that holds it (a
-        trainer's identity is bound to its Curve key from its lease on; without Curve, None)."""
+        """Whether a message under this trainer's identity comes from the key that holds it. A
+        lease-holding trainer's identity is bound to the first key seen under it from then on
+        (its own: the one it leased with; without Curve, None)."""
         return self.trainer_keys.setdefault(trainer, key) == key if trainer in self.trainers else True
 
     def _send(self, frames: list[Any]) -> None:
