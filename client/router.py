@@ -47,8 +47,7 @@ class WorkerHandle:
     dead: str = ""  # why, once it is known to be gone
     last_heard: float = 0.0  # a farm worker: when its last message or heartbeat arrived
     connected: bool = False  # it said HELLO on this trainer's socket
-    requests_sent: int = 0  # on the socket, to a farm worker: its heartbeats say how many it read
-    behind_since: float | None = None  # since when its heartbeats say it has not read them all
+    requests_sent: int = 0  # on the socket, to a farm worker: its probes carry the count, its heartbeats say how many it read
 
     @property
     def remote(self) -> bool:
@@ -80,6 +79,8 @@ def _exit_reason(process: Any) -> str:
 _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
 _SILENCE_CHECK = 0.25  # seconds between looks at the farm workers' heartbeats while waiting
 _MAX_EARLY = 1024  # early HELLOs kept, at most
+_MAX_EARLY_BYTES = 1024  # a HELLO is a few dozen bytes: a larger one is not kept
+_DRAIN_BUDGET = 256  # messages read from the socket between two looks at what is complete
 _ADMISSION_WAIT = 2.0  # seconds a connecting worker's key may wait for the lease that admits it
 MAX_FARM_FRAME_BYTES = 1 << 30  # the largest frame a farm trainer accepts: a worker's block of observations fits
 _DISCONNECTED = "lost its connection (killed, or its host went away)"
@@ -319,7 +320,7 @@ class Router:
         else:
             events = self.poller.poll(None if remaining is None else int(remaining * 1000) + 1)
         self._dispatch(events, pending, replies)
-        self._check_silence(pending)
+        self._check_silence(pending, replies)
         return False
 
     def _dispatch(self, events: list[tuple[Any, int]], pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
@@ -341,27 +342,36 @@ class Router:
         finally:
             self._patience = None
 
-    def _check_silence(self, pending: dict[WorkerHandle, int]) -> None:
-        """Fails the wait for a farm worker that is silent for dead_after, or whose connection is
-        gone (a killed process: its host closes the connection, and a probe finds no route)."""
+    def _check_silence(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+        """Fails the wait for a farm worker that is silent for dead_after (its heartbeats come from
+        a thread of their own, stepping or not), or whose connection is gone (a killed process:
+        its host closes the connection, and a probe finds no route). A reply that already arrived
+        is life: it is looked for before any verdict."""
         now = time.monotonic()
         if self.dead_after is None or now < self._next_probe:
             return
         self._next_probe = now + _SILENCE_CHECK
         allowed = self._patience or self.dead_after
-        for worker in pending:
-            if not worker.remote:
-                continue
+        for worker in [worker for worker in pending if worker.remote]:
+            verdict = ""
             if now - worker.last_heard > allowed:
-                worker.dead = f"was silent for more than {allowed:g} s (killed, frozen, cut off, or stuck in one request)"
-                raise self._died(worker)
-            if worker.connected and now - worker.last_heard > _SILENCE_CHECK:
-                try:
-                    self.socket.send_multipart([worker.identity, m.HEARTBEAT_FRAME], zmq.NOBLOCK)
+                verdict = f"was silent for more than {allowed:g} s (killed, frozen, cut off, or stuck holding the GIL)"
+            elif worker.connected and now - worker.last_heard > _SILENCE_CHECK:
+                try:  # behind every request sent before it: the worker's heartbeat says whether one was lost
+                    self.socket.send_multipart([worker.identity, m.trainer_probe(worker.requests_sent)], zmq.NOBLOCK)
                 except zmq.ZMQError as e:
                     if e.errno == zmq.EHOSTUNREACH:
-                        worker.dead = _DISCONNECTED
-                        raise self._died(worker) from None
+                        verdict = _DISCONNECTED
+            if verdict:
+                self._last_look(pending, replies)
+                if worker in pending and now - worker.last_heard > _SILENCE_CHECK:
+                    worker.dead = verdict
+                    raise self._died(worker)
+
+    def _last_look(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+        """Takes every reply that has arrived by now, before a worker is declared lost."""
+        self._collect_channels(pending, replies)
+        self._drain(pending, replies)
 
     def _collect_channels(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         for worker in [worker for worker in pending if worker.channel]:
@@ -382,52 +392,61 @@ class Router:
                 self._accept(worker, message, pending, replies)
 
     def _drain(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
-        while True:
+        """Reads what the socket holds; returns early once nothing is pending, or after a budget of
+        messages, so that a peer flooding the port cannot keep the wait from seeing it is complete."""
+        for _ in range(_DRAIN_BUDGET):
             try:
                 identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            worker = self.workers.get(identity.bytes)
-            requests_read = m.read_worker_heartbeat(frames[0].bytes) if len(frames) == 1 else None
-            heartbeat = requests_read is not None
+            sender = identity.bytes
+            if sender.endswith(m.HEARTBEAT_SUFFIX) and len(frames) == 1:
+                self._worker_heartbeat(sender[: -len(m.HEARTBEAT_SUFFIX)], frames[0].bytes, pending, replies)
+                continue
+            worker = self.workers.get(sender)
             if worker is not None and worker.dead and worker.remote:
-                if heartbeat:  # given up for lost, yet back: it must leave this trainer's lease
-                    self._send_quietly(identity.bytes, m.make(m.CLOSE, 0))
-                    continue
-                worker = None  # a HELLO: it was leased to this trainer anew
+                worker = None  # given up for lost: nothing it says counts (a HELLO: it was leased to this trainer anew)
             if worker is None:
-                self._keep_early_hello(identity.bytes, frames)
+                self._keep_early_hello(sender, frames)
                 continue
             worker.last_heard = time.monotonic()
-            if heartbeat:
-                self._check_requests_read(worker, requests_read, pending)
-                continue
             try:
                 message = unpack([f.buffer for f in frames], allow_pickle=self.trusted)
             except ProtocolError as e:
                 self._malformed(worker, e, pending)
                 continue
             self._accept(worker, message, pending, replies)
+            if not pending:
+                return
 
-    def _check_requests_read(self, worker: WorkerHandle, requests_read: int, pending: dict[WorkerHandle, int]) -> None:
-        """A worker sends heartbeats only while idle. Idle, yet it has not read every request sent
-        to it: one is on the way (slow on a loaded host), or was lost with a connection the
-        network reset. On the way for as long as a worker may be silent, it counts as lost."""
-        if requests_read < 0 or requests_read >= worker.requests_sent:
-            worker.behind_since = None
-        elif worker.behind_since is None:
-            worker.behind_since = worker.last_heard
-        elif worker.last_heard - worker.behind_since > (self._patience or self.dead_after):
+    def _worker_heartbeat(self, identity: bytes, frame: bytes, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+        """A farm worker's heartbeat: life, and whether a request sent to it was lost on the way."""
+        worker = self.workers.get(identity)
+        counts = m.read_worker_heartbeat(frame)
+        if worker is None or not worker.remote or counts is None:
+            return
+        if worker.dead:  # given up for lost, yet alive: it must leave this trainer's lease
+            self._send_quietly(identity, m.make(m.CLOSE, 0))
+            return
+        worker.last_heard = time.monotonic()
+        requests_read, probe_seen = counts
+        if probe_seen > requests_read:
+            # It read a probe that followed `probe_seen` requests on the same connection, yet read
+            # fewer: one was lost with a connection the network reset. Any reply that came first counts.
+            self._last_look(pending, replies)
             worker.dead = "lost a request (its connection was reset on the way)"
             if worker in pending:
                 raise self._died(worker)
 
     def _keep_early_hello(self, identity: bytes, frames: list[zmq.Frame]) -> None:
-        """A farm worker may say HELLO before this trainer has read the lease that names it."""
+        """A farm worker may say HELLO before this trainer has read the lease that names it. What
+        is kept is bounded in count and size: the port faces the network."""
         if self.broker is None or not identity.startswith(m.WORKER_PREFIX) or len(self._early) >= _MAX_EARLY:
             return
+        if len(frames) != 1 or len(frames[0]) > _MAX_EARLY_BYTES:
+            return
         try:
-            message = unpack([f.buffer for f in frames])
+            message = unpack([frames[0].buffer])
         except ProtocolError:
             return
         if message.get("kind") == m.HELLO:
@@ -464,6 +483,7 @@ class Router:
         except ProtocolError as e:
             self._malformed(worker, e, pending)
             return
+        worker.last_heard = time.monotonic()  # any reply is life, a late one too
         if pending.get(worker) != message["rid"]:  # a late reply to an abandoned request
             return
         if message["kind"] == m.HELLO:

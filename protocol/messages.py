@@ -28,9 +28,13 @@ lease it serves, so that a restarted broker learns the farm's state from the wor
 (env steps served). With CurveZMQ, the broker binds each worker's and trainer's identity to the
 key it proved, and hands a trainer the keys of the workers it leases (LEASED `key`). On JOIN
 it connects a second socket to the trainer, says HELLO there, and from then on the trainer talks
-to it exactly as to a local worker; between requests it sends a heartbeat there every
-HEARTBEAT_INTERVAL (`worker_heartbeat`: how many requests it has read from that socket), so the
-trainer notices silence, and a request lost on the way, by itself.
+to it exactly as to a local worker. A thread of its own sends a heartbeat every
+HEARTBEAT_INTERVAL, stepping or not, from a second socket whose identity is the worker's plus
+HEARTBEAT_SUFFIX, so a long step is never taken for silence. A trainer waiting on a worker sends
+probes on the data socket (`trainer_probe`: how many requests it sent there before the probe);
+the worker's heartbeat says how many requests it read and the last probe it read
+(`worker_heartbeat`). A probe travels behind the requests sent before it on the same connection,
+so a worker that read a probe but fewer requests than the probe counts has provably lost one.
 
 "envs" are global env indices; per-env errors travel as [[env index, error data], ...], so one
 failing env never hides the results of the others. The field types are checked by `check`.
@@ -42,9 +46,9 @@ from typing import Any
 
 from envfarm.protocol.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 WORKER_PREFIX, TRAINER_PREFIX = b"W", b"T"
-HEARTBEAT_FRAME = b""  # a heartbeat to the broker, and a trainer's probe of a worker's connection
+HEARTBEAT_FRAME = b""  # a trainer's heartbeat to the broker
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_SUFFIX = b"/hb"  # a trainer's heartbeat socket to the broker: its identity plus this
 
@@ -89,18 +93,34 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
-def worker_heartbeat(requests_read: int) -> bytes:
-    """A farm worker's heartbeat to its trainer: one frame, the count of requests it has read from
-    its socket, 8 bytes little-endian (no message's header is that short)."""
-    return requests_read.to_bytes(8, "little")
+# Liveness frames on a farm data link: one frame each, whose first byte is a positive msgpack
+# fixint, so that no message header (always a msgpack map) can be taken for one.
+_PROBE, _HEARTBEAT = b"P", b"H"
 
 
-def read_worker_heartbeat(frame: bytes) -> int | None:
-    """The count in a message of this one frame if it is a worker's heartbeat; -1 for an empty
-    frame (a probe); None if it is not a heartbeat."""
-    if len(frame) not in (0, 8):
+def trainer_probe(requests_sent: int) -> bytes:
+    """A trainer's probe of a worker's data connection: how many requests it sent there before it."""
+    return _PROBE + requests_sent.to_bytes(8, "little")
+
+
+def read_trainer_probe(frame: bytes) -> int | None:
+    """The count a trainer's probe carries; None if the frame is not a probe."""
+    if len(frame) != 9 or frame[:1] != _PROBE:
         return None
-    return int.from_bytes(frame, "little") if frame else -1
+    return int.from_bytes(frame[1:], "little")
+
+
+def worker_heartbeat(requests_read: int, probe_seen: int) -> bytes:
+    """A farm worker's heartbeat to its trainer: the requests it has read from its data socket, and
+    the count carried by the last probe it read there (0: none yet)."""
+    return _HEARTBEAT + requests_read.to_bytes(8, "little") + probe_seen.to_bytes(8, "little")
+
+
+def read_worker_heartbeat(frame: bytes) -> tuple[int, int] | None:
+    """(requests read, last probe's count) from a worker's heartbeat; None if the frame is not one."""
+    if len(frame) != 17 or frame[:1] != _HEARTBEAT:
+        return None
+    return int.from_bytes(frame[1:9], "little"), int.from_bytes(frame[9:], "little")
 
 
 def make(kind: str, rid: int, **fields: Any) -> dict[str, Any]:

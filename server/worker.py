@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -125,6 +126,7 @@ class Worker:
         self.context = zmq.Context()
         self.data: zmq.Socket | None = None
         self.requests_read = 0  # from the socket to the trainer: a farm worker's heartbeats say it
+        self.probe_seen = 0  # the count in the last probe the trainer sent on that socket
         self.requests = RequestHandler(trusted=trusted, allow=allow)
         self.channel: shm_channel.WorkerEnd | None = None
         self.hello = m.make(m.HELLO, 0, version=m.PROTOCOL_VERSION, pid=os.getpid(), host=socket.gethostname())
@@ -147,7 +149,7 @@ class Worker:
         if curve is not None:
             secure_client(self.data, *curve)
         self.data.connect(endpoint)
-        self.requests_read = 0
+        self.requests_read = self.probe_seen = 0
         self.send(self.hello)
 
     def disconnect(self) -> None:
@@ -200,7 +202,9 @@ class Worker:
 
     def from_socket(self) -> dict[str, Any] | ProtocolError | None:
         frames = self.data.recv_multipart(copy=False)
-        if len(frames) == 1 and frames[0].bytes == m.HEARTBEAT_FRAME:  # a farm trainer's probe that the connection stands
+        probe = m.read_trainer_probe(frames[0].bytes) if len(frames) == 1 else None
+        if probe is not None:  # a farm trainer's probe: it came after every request counted in it
+            self.probe_seen = max(self.probe_seen, probe)
             return None
         self.requests_read += 1
         try:
@@ -231,6 +235,7 @@ class FarmWorker(Worker):
         # "steps": env steps served, for `envfarm status`
         self.registration = {**self.hello, "slots": slots, "allow": list(allow) if allow is not None else None, "lease": None, "lessee": None, "steps": 0}
         self.next_heartbeat = 0.0
+        self.trainer_heartbeat: _TrainerHeartbeat | None = None
 
     def serve(self) -> None:
         """Serves leases until the process is killed."""
@@ -252,31 +257,34 @@ class FarmWorker(Worker):
                     if self.control.poll(0):
                         self.from_broker()
         finally:
+            if self.trainer_heartbeat is not None:
+                self.trainer_heartbeat.stop()
             self.context.destroy(linger=1000)
 
     def heartbeat(self) -> None:
-        """Tells the broker (and the trainer served, if any) that this worker is alive."""
+        """Tells the broker that this worker is alive (the trainer served hears it from a thread)."""
         if time.monotonic() < self.next_heartbeat:
             return
         self.next_heartbeat = time.monotonic() + m.HEARTBEAT_INTERVAL
         if self.alive_file is not None:
             with open(self.alive_file, "a"):
                 os.utime(self.alive_file)
-        # A peer that does not read (its queue is full) misses a heartbeat: it is the one to notice.
-        for socket_, frames in ((self.data, [m.worker_heartbeat(self.requests_read)]), (self.control, pack(self.registration))):
-            if socket_ is not None:
-                try:
-                    socket_.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+        try:  # a broker that does not read (its queue is full) misses a heartbeat: it is the one to notice
+            self.control.send_multipart(pack(self.registration), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def connect(self, endpoint: str, curve: tuple[KeyPair, bytes] | None = None) -> None:
         super().connect(endpoint, curve)
         self.poller = zmq.Poller()
         self.poller.register(self.data, zmq.POLLIN)
         self.poller.register(self.control, zmq.POLLIN)
+        self.trainer_heartbeat = _TrainerHeartbeat(self, endpoint, curve)
 
     def disconnect(self) -> None:
+        if self.trainer_heartbeat is not None:
+            self.trainer_heartbeat.stop()
+            self.trainer_heartbeat = None
         super().disconnect()
         self.registration["lease"] = self.registration["lessee"] = None
         self.next_heartbeat = 0.0  # tell the broker at once
@@ -304,3 +312,40 @@ class FarmWorker(Worker):
                 return
             self.registration["lease"], self.registration["lessee"] = message["lease"], message["trainer"]
             self.next_heartbeat = 0.0
+
+
+class _TrainerHeartbeat(threading.Thread):
+    """Tells the trainer a farm worker serves that the worker is alive, every HEARTBEAT_INTERVAL,
+    from a socket of its own (identity + HEARTBEAT_SUFFIX), while the worker's thread steps envs:
+    the trainer then judges silence, never the length of a step. A process that is frozen, killed
+    or stuck in C code holding the GIL goes silent, as it should."""
+
+    def __init__(self, worker: Worker, endpoint: str, curve: tuple[KeyPair, bytes] | None):
+        super().__init__(name="envfarm-trainer-heartbeat", daemon=True)
+        self.worker, self.endpoint, self.curve = worker, endpoint, curve
+        self._stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        socket_ = self.worker.context.socket(zmq.DEALER)
+        socket_.setsockopt(zmq.IDENTITY, self.worker.identity + m.HEARTBEAT_SUFFIX)
+        socket_.setsockopt(zmq.LINGER, 0)
+        try:
+            if self.curve is not None:
+                secure_client(socket_, *self.curve)
+            socket_.connect(self.endpoint)
+            while True:
+                try:  # a trainer that does not read (its queue is full) misses one: it is the one to notice
+                    socket_.send(m.worker_heartbeat(self.worker.requests_read, self.worker.probe_seen), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                if self._stopped.wait(m.HEARTBEAT_INTERVAL):
+                    return
+        except zmq.ZMQError:  # the context is being destroyed: the worker is going away
+            pass
+        finally:
+            socket_.close(linger=0)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(2)

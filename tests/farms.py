@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -58,3 +59,18 @@ def start_farm(workers: int, slots: int, *worker_options: str, **broker_options:
         command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", str(slots), *worker_options]
         with workers_of(broker, [command] * workers) as processes:
             yield broker, processes
+
+
+@contextlib.contextmanager
+def cpu_hogs(per_cpu: int = 2) -> Iterator[list[subprocess.Popen]]:
+    """`per_cpu` busy processes per CPU beside the test, as a training process that uses every core;
+    each stops by itself after 10 minutes should the test's own cleanup never run."""
+    count = per_cpu * (os.cpu_count() or 1)
+    code = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
+    try:
+        yield hogs
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(10)
