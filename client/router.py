@@ -173,7 +173,7 @@ class Router:
             if broker is not None:  # a port on the network: bound what a stranger can make it buffer
                 self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FARM_FRAME_BYTES)
             if self.server_key is not None:
-                self._authenticator = secure_server(self.context, self.socket, curve[0], self._admits)
+                self._authenticator = secure_server(self.context, self.socket, curve[0], self._admits, wait=_ADMISSION_WAIT)
             self.socket.bind(endpoint)
             self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
             if advertise is not None:
@@ -202,13 +202,15 @@ class Router:
         """Lets a worker with this Curve public key (z85) connect: one leased to this trainer."""
         with self._admission:
             self._admitted.add(key.encode())
-            self._admission.notify_all()
+        if self._authenticator is not None:
+            self._authenticator.wake()  # a worker may be connecting already: its key is waiting
 
     def _admits(self, key: bytes) -> bool:
-        # Runs in the authenticator's thread. A leased worker may connect before this trainer has
-        # read the lease that names it (the broker sends JOIN first), so its key is waited for.
+        # Runs in the ZAP handler's thread, and must not block: a leased worker may connect before
+        # this trainer has read the lease that names it (the broker sends JOIN first), and the
+        # handler keeps its key waiting, without holding up others, until `admit` wakes it.
         with self._admission:
-            return self._admission.wait_for(lambda: key in self._admitted, _ADMISSION_WAIT)
+            return key in self._admitted
 
     def add(self, worker: WorkerHandle) -> None:
         self.workers[worker.identity] = worker

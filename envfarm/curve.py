@@ -15,11 +15,14 @@ confines who can connect; on a real network, turn it on.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Callable
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 KeyPair = tuple[bytes, bytes]  # (public, secret), z85
 
@@ -49,28 +52,148 @@ def secure_client(socket: zmq.Socket, keys: KeyPair, server_key: bytes) -> None:
     socket.curve_serverkey = server_key
 
 
-class _Admitted:
-    """pyzmq's credentials-provider interface over a predicate on z85 public keys."""
+class ZapHandler:
+    """Answers a bound Curve socket's ZAP requests (RFC 27) by `admits(z85 public key)`, each on its own.
 
-    def __init__(self, admits: Callable[[bytes], bool]):
-        self.admits = admits
+    pyzmq's authenticator answers one request at a time; an unknown key that must be waited for
+    (a leased worker may connect before its trainer has read the lease that names it) then holds
+    up every key behind it. libzmq gives each connecting session its own pipe to the ZAP
+    endpoint, so a ROUTER here can answer out of order: an admitted key at once, one not admitted
+    yet parked until `wake()` finds it admitted, or refused after `wait` seconds. At most
+    `max_parked` wait at a time; beyond that a key is refused at once (a flood of strangers
+    must not grow memory)."""
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        return self.admits(key)
+    RECHECK = 0.1  # seconds between looks at the parked keys even unwoken: `admits` may change without a wake
+
+    def __init__(self, context: zmq.Context, admits: Callable[[bytes], bool], wait: float = 2.0, max_parked: int = 256):
+        self.admits, self.wait, self.max_parked = admits, wait, max_parked
+        self.parked: dict[bytes, tuple[float, bytes, list[bytes]]] = {}  # ZAP routing id: (deadline, key, reply head)
+        self._stopped = False
+        self._pipe_lock = threading.Lock()  # no write to a pipe `stop` has closed (its fd may be reused)
+        # Bound here, before the Curve socket can take a connection: with no ZAP handler bound,
+        # libzmq lets every Curve client in.
+        self._zap = context.socket(zmq.ROUTER)
+        self._zap.setsockopt(zmq.LINGER, 0)
+        self._zap.bind("inproc://zeromq.zap.01")
+        self._wake_read, self._wake_write = os.pipe()  # a pipe: `wake` may be called from any thread
+        os.set_blocking(self._wake_write, False)
+        self._thread = threading.Thread(target=self._run, name="envfarm-zap", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Has the parked keys looked at again now (call after `admits` has come to admit more)."""
+        with self._pipe_lock:
+            if self._wake_write < 0:
+                return
+            try:
+                os.write(self._wake_write, b"w")
+            except BlockingIOError:  # a full pipe: a wake is pending already
+                pass
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.wake()
+        self._thread.join(2)
+        with self._pipe_lock:
+            if not self._thread.is_alive() and self._wake_write >= 0:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                self._wake_write = -1
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._zap, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        try:
+            while not self._stopped:
+                timeout = None
+                if self.parked:
+                    next_deadline = min(deadline for deadline, _, _ in self.parked.values())
+                    timeout = max(0.0, min(self.RECHECK, next_deadline - time.monotonic())) * 1000
+                events = dict(poller.poll(timeout))
+                if self._wake_read in events:
+                    os.read(self._wake_read, 4096)
+                while self._zap in events and not self._stopped:
+                    try:
+                        self._request(self._zap.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                self._review()
+        finally:
+            self._zap.close(linger=0)
+
+    def _request(self, frames: list[bytes]) -> None:
+        # From a ROUTER: [routing id, b"", version, request id, domain, address, identity, mechanism, credentials...]
+        if len(frames) < 8 or frames[1] != b"":
+            return  # not from libzmq: no one to answer
+        rid, _, version, request_id, _, _, _, mechanism, *credentials = frames
+        head = [rid, b"", b"1.0", request_id]
+        if version != b"1.0" or mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
+            self._reply(head, b"400", b"Not a Curve request")
+            return
+        key = z85.encode(credentials[0])
+        if self.admits(key):
+            self._reply(head, b"200", b"OK", key)
+        elif len(self.parked) < self.max_parked:
+            self.parked[rid] = (time.monotonic() + self.wait, key, head)
+        else:
+            self._reply(head, b"400", b"Too many unknown keys")
+
+    def _review(self) -> None:
+        now = time.monotonic()
+        for rid, (deadline, key, head) in list(self.parked.items()):
+            if self.admits(key):
+                self._reply(head, b"200", b"OK", key)
+            elif now >= deadline:
+                self._reply(head, b"400", b"Key not admitted")
+            else:
+                continue
+            del self.parked[rid]
+
+    def _reply(self, head: list[bytes], status: bytes, text: bytes, user: bytes = b"") -> None:
+        # A session gone since its request has no route: the ROUTER drops the reply.
+        self._zap.send_multipart([*head, status, text, user, b""])
 
 
-def secure_server(context: zmq.Context, socket: zmq.Socket, keys: KeyPair, clients: str | Callable[[bytes], bool]) -> ThreadAuthenticator:
+def secure_server(
+    context: zmq.Context, socket: zmq.Socket, keys: KeyPair, clients: str | Callable[[bytes], bool], *, wait: float = 2.0
+) -> ThreadAuthenticator | ZapHandler:
     """A bound socket: encrypts with `keys` and admits only the client keys listed in the directory
-    `clients`, or those for which `clients(z85 key)` is true. Stop the returned authenticator
-    when the socket closes. Call before `bind`."""
+    `clients`, or those for which `clients(z85 key)` is true; a key `clients` refuses is looked at
+    again for `wait` seconds (on the returned handler's `wake()`, and every 0.1 s) before it is
+    refused. Stop the returned authenticator when the socket closes. Call before `bind`, and
+    only one per context (each binds the context's ZAP endpoint)."""
     if isinstance(clients, str) and not os.path.isdir(clients):
         raise ValueError(f"{clients} is not a directory of client public keys")
-    authenticator = ThreadAuthenticator(context)
-    authenticator.start()
     if isinstance(clients, str):
+        authenticator = ThreadAuthenticator(context)
+        authenticator.start()
         authenticator.configure_curve(domain="*", location=clients)
     else:
-        authenticator.configure_curve_callback(domain="*", credentials_provider=_Admitted(clients))
+        authenticator = ZapHandler(context, clients, wait)
     socket.curve_server = True
     socket.curve_publickey, socket.curve_secretkey = keys
     return authenticator
+
+
+# Roles of the keys a broker admits: the subdirectories of its clients directory that list them.
+WORKERS, TRAINERS, ADMINS = "workers", "trainers", "admins"
+
+
+def load_roles(directory: str) -> dict[str, frozenset[str]] | None:
+    """The roles of each admitted public key (z85), from `directory/workers/`, `trainers/` and
+    `admins/` (a key may be in several). None if the directory has none of them: then it lists its
+    keys itself, and each may do everything (as before roles). A directory with both role
+    subdirectories and keys of its own is refused: which role those keys have would be a guess."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a directory of client public keys")
+    present = [role for role in (WORKERS, TRAINERS, ADMINS) if os.path.isdir(os.path.join(directory, role))]
+    if not present:
+        return None
+    if zmq.auth.load_certificates(directory):
+        raise ValueError(f"{directory} has role subdirectories ({', '.join(present)}) and keys of its own: move each key into the directory of its role")
+    roles: dict[str, set[str]] = {}
+    for role in present:
+        for key in zmq.auth.load_certificates(os.path.join(directory, role)):
+            roles.setdefault(key.decode("ascii"), set()).add(role)
+    return {key: frozenset(held) for key, held in roles.items()}
