@@ -74,6 +74,15 @@ class BatchBuffer:
             if shared is not None:
                 shared[rows] = leaf
 
+    def copy_from(self, other: BatchBuffer) -> None:
+        """Takes every array's contents from another buffer of the same spaces and size."""
+        for mine, theirs in zip([*self.leaves, *self.actions, self.rewards, self.terminations, self.truncations],
+                                [*other.leaves, *other.actions, other.rewards, other.terminations, other.truncations]):
+            if isinstance(mine, np.ndarray):
+                mine[...] = theirs
+            elif isinstance(mine, list):
+                mine[:] = theirs
+
     def batch(self, copy: bool) -> Any:
         """The batched observation, structured as Gymnasium's `concatenate` builds it."""
         if copy:

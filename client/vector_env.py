@@ -601,6 +601,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         lost: list[WorkerHandle] = []
         try:
             replies = self._router.collect({worker: rid for worker in targets}, timeout, wait_all=True, lost=lost if restart else None)
+            if any(worker.shared_memory for worker in lost):
+                self._fence(lost)
             for worker in lost:
                 replacement, reply = self._restart(worker)
                 targets = [replacement if target is worker else target for target in targets]
@@ -613,6 +615,22 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         finally:
             self._state, self._pending = AsyncState.DEFAULT, None
         return [(worker, replies[worker]) for worker in targets]
+
+    def _fence(self, lost: list[WorkerHandle]) -> None:
+        """Moves the batch buffer to a fresh segment. A worker given up for lost may only be slow:
+        it keeps the old segment mapped, and when its step ends it writes there, never into rows
+        that now belong to its replacement. The other workers sharing memory attach to the new one."""
+        old = self._buffer
+        new = BatchBuffer(self.single_observation_space, self.single_action_space, self.num_envs, shared=True)
+        new.copy_from(old)
+        self._segments[0] = new
+        old.close()
+        survivors = [worker for worker in self._workers if worker.shared_memory and worker not in lost]
+        for worker in survivors:
+            worker.shared_memory = False  # until it says it attached: its results travel in its replies
+        replies = self._router.ask(m.ATTACH, {worker: {"obs": new.descriptor, "channel": None} for worker in survivors}, DEFAULT_STARTUP_TIMEOUT)
+        for worker, reply in replies.items():
+            worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
 
     def _restart(self, lost: WorkerHandle) -> tuple[WorkerHandle, dict[str, Any]]:
         """Builds a lost worker's envs again on a newly leased worker and resets them; returns it and the reset's reply."""

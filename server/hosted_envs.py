@@ -33,20 +33,25 @@ class HostedEnvs:
         self.observation_space = self.envs[0].observation_space
         self.leaf_spaces = space_codec.leaves(self.observation_space)
         count = len(self.envs)
-        self.obs_rows: list[np.ndarray | None] = [
-            np.zeros((count, *leaf.shape), leaf.dtype) if space_codec.is_fixed(leaf) else None for leaf in self.leaf_spaces
-        ]
-        self.in_shared_memory = False
-        self.action_rows: list[np.ndarray | None] = [None] * len(space_codec.leaves(self.envs[0].action_space))
-        self.rewards = np.zeros(count, np.float64)
-        self.terminations = np.zeros(count, np.bool_)
-        self.truncations = np.zeros(count, np.bool_)
+        self.use_private_memory()
         self.autoreset = np.zeros(count, np.bool_)
         self.failed = np.zeros(count, np.bool_)
         self._value_leaves: list[list[Any]] = [[None] * count for _ in self.leaf_spaces]
         self._action_space = self.envs[0].action_space
         self._nested_obs = space_codec.is_nested(self.observation_space)
         self._nested_action = space_codec.is_nested(self._action_space)
+
+    def use_private_memory(self) -> None:
+        """Keeps observations and results in arrays of this process; they travel in the replies."""
+        count = len(self.envs)
+        self.obs_rows: list[np.ndarray | None] = [
+            np.zeros((count, *leaf.shape), leaf.dtype) if space_codec.is_fixed(leaf) else None for leaf in self.leaf_spaces
+        ]
+        self.action_rows: list[np.ndarray | None] = [None] * len(space_codec.leaves(self.envs[0].action_space))
+        self.rewards = np.zeros(count, np.float64)
+        self.terminations = np.zeros(count, np.bool_)
+        self.truncations = np.zeros(count, np.bool_)
+        self.in_shared_memory = False
 
     def use_shared_memory(self, views: dict[str, Any]) -> None:
         """Reads actions from and writes results into these (K, ...) views of the trainer's batch buffer."""

@@ -32,7 +32,8 @@ class RequestHandler:
         self.allow = list(allow) if allow is not None else None
         self.envs: HostedEnvs | None = None
         self.channel: shm_channel.WorkerEnd | None = None  # set by ATTACH when the channel probe succeeds
-        self.segments: list = []  # mappings of the trainer's shared memory, kept open
+        self.batch_segment = None  # the mapping of the trainer's batch buffer this worker writes into
+        self.channel_segment = None
         self.closed = False
 
     def respond(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +110,11 @@ class RequestHandler:
             raise
 
     def attach(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Maps the trainer's observation buffer and message channel where the nonce probe succeeds."""
+        """Maps the trainer's observation buffer and message channel where the nonce probe succeeds.
+
+        A trainer may ATTACH again with a new batch buffer (it moved its buffer away from a worker
+        it gave up for lost): the old mapping is dropped, and where the new one cannot be mapped,
+        results travel in the replies again."""
         if self.envs is None:
             raise ProtocolError("ATTACH before CREATE")
         reasons, obs_ok, channel_ok = [], False, False
@@ -119,14 +124,16 @@ class RequestHandler:
             if segment is not None and self.envs.env_ids != list(range(first, first + count)):
                 segment, reason = None, "this worker's envs are not a contiguous block of rows"
             if segment is not None:
-                self.segments.append(segment)
                 self.envs.use_shared_memory(shared_memory.batch_rows(segment, message["obs"]["layout"], first, count))
                 obs_ok = True
+            else:
+                self.envs.use_private_memory()
+            self.batch_segment = segment  # the old mapping goes with its last view
             reasons.append(reason)
         if message["channel"] is not None and shm_channel.available():
             segment, reason = shared_memory.map_segment(message["channel"])
             if segment is not None:
-                self.segments.append(segment)
+                self.channel_segment = segment
                 self.channel = shm_channel.WorkerEnd(memoryview(segment), message["channel"], message["channel"].get("spin", 0.0))
                 channel_ok = True
             reasons.append(reason)

@@ -265,6 +265,51 @@ def test_restart_policy_rebuilds_lost_envs_on_a_spare_worker(farm, fault):
         envs.close()
 
 
+def test_a_worker_given_up_for_lost_never_writes_into_its_replacements_rows():
+    # A same-host worker frozen past dead_after is given up for lost and its envs rebuilt on the
+    # spare; when it wakes up it finishes the step it was sent and writes its results into the
+    # segment it mapped. Those rows must not be the replacement's: every observation returned
+    # stays the one its env holds, and the other envs stay step for step equal to SyncVectorEnv.
+    with start_farm(3, 2, dead_after=2.5) as (broker, _):
+        envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, on_failure="restart", copy=False)
+        sync = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
+        rng = np.random.default_rng(0)
+
+        def step_both() -> tuple:
+            actions = rng.integers(0, 2, 4)
+            ours, theirs = envs.step(actions), sync.step(actions)
+            assert_same(tuple(part[:2] for part in theirs[:4]), tuple(part[:2] for part in ours[:4]))  # envs 0-1: as Sync
+            return ours
+
+        def assert_obs_are_the_envs_own(obs: np.ndarray) -> None:
+            states = np.array(envs.get_attr("state"), np.float32)
+            np.testing.assert_array_equal(obs, states)
+
+        try:
+            assert all(worker.shared_memory for worker in envs._workers)
+            assert_same(tuple(part[:2] for part in sync.reset(seed=0)[:1]), tuple(part[:2] for part in envs.reset(seed=0)[:1]))
+            for _ in range(5):
+                step_both()
+            victim = envs._workers[1]
+            os.kill(victim.pid, signal.SIGSTOP)
+            try:
+                obs, _, _, truncated, info = step_both()  # waits dead_after, then restarts envs 2-3 on the spare
+                assert truncated[2:].all() and info["_envfarm_restarted"].tolist() == [False, False, True, True]
+                assert envs._workers[1].pid != victim.pid
+                kept = obs.copy()
+            finally:
+                os.kill(victim.pid, signal.SIGCONT)  # it wakes up and finishes the step it was sent
+            time.sleep(1.5)
+            np.testing.assert_array_equal(obs, kept)  # a view of the batch buffer (copy=False): untouched
+            assert_obs_are_the_envs_own(obs)
+            for _ in range(10):
+                obs = step_both()[0]
+                assert_obs_are_the_envs_own(obs)
+        finally:
+            envs.close()
+            sync.close()
+
+
 def test_restart_without_capacity_is_a_clear_error(quick_farm):
     broker, processes = quick_farm  # two 2-slot workers, both leased below
     envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, on_failure="restart", shared_memory=False)
