@@ -61,6 +61,7 @@ RESTARTS_PER_MINUTE = 5
 WORKER_SPIN_SECONDS = 1e-3
 TRAINER_SPIN_SECONDS = 200e-6
 DEFAULT_STARTUP_TIMEOUT = 120.0
+CONNECT_TIMEOUT = 15.0  # seconds a leased farm worker has to connect to the trainer (it takes milliseconds)
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
 
 
@@ -201,7 +202,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             for worker in self._workers:
                 self._router.add(worker)
         self.num_workers = len(self._workers)
-        self._router.gather(0, [w for w in self._workers if w.inline is None], timeout)  # each says HELLO with rid 0
+        self._await_hellos([w for w in self._workers if w.inline is None], timeout)
 
         created = self._replies(self._router.ask(m.CREATE, {worker: self._create_fields(worker) for worker in self._workers}, timeout))
         self._raise_errors(created)
@@ -234,6 +235,24 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 logger.warn(f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket")
         if channels is not None:
             self._router.use_channels(channels)
+
+    def _await_hellos(self, workers: list[WorkerHandle], timeout: float) -> None:
+        """Waits for each worker's HELLO (rid 0). A leased farm worker connects within seconds if
+        it can reach this trainer at all: one that has not after CONNECT_TIMEOUT cannot."""
+        if self._broker is None:
+            self._router.gather(0, workers, timeout)
+            return
+        within = min(timeout, CONNECT_TIMEOUT)
+        try:
+            self._router.gather(0, workers, within)
+        except multiprocessing.TimeoutError:
+            missing = [worker for worker in workers if not worker.connected]
+            hosts = ", ".join(sorted({worker.host for worker in missing}))
+            raise multiprocessing.TimeoutError(
+                f"{len(missing)} leased farm worker(s) (on {hosts}) did not connect to this trainer at {self._router.endpoint} "
+                f"within {within:g} s: they cannot reach that address. Pass listen='HOST[:PORT]' with an address of this "
+                "host that the workers can route to (and a port open to them)"
+            ) from None
 
     def _create_fields(self, worker: WorkerHandle) -> dict[str, Any]:
         """CREATE for a worker's block: farm workers get the env id, local ones the pickled env_fns."""
@@ -647,7 +666,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         worker.index = lost.index
         try:
             with self._router.patience(DEFAULT_STARTUP_TIMEOUT):
-                self._router.gather(0, [worker], DEFAULT_STARTUP_TIMEOUT)  # its HELLO
+                self._await_hellos([worker], DEFAULT_STARTUP_TIMEOUT)
                 for kind, fields in (
                     (m.CREATE, self._create_fields(worker)),
                     (m.ATTACH, {"obs": self._buffer.descriptor, "channel": None}),

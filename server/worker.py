@@ -12,6 +12,7 @@ STEP, CALL, SET_ATTR and CLOSE. A malformed message gets an ERROR reply and the 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -233,7 +234,9 @@ class FarmWorker(Worker):
             secure_client(self.control, *curve)
         self.control.connect(broker)
         # "steps": env steps served, for `envfarm status`
-        self.registration = {**self.hello, "slots": slots, "allow": list(allow) if allow is not None else None, "lease": None, "lessee": None, "steps": 0}
+        self.registration = {**self.hello, "slots": slots, "allow": list(allow) if allow is not None else None, "lease": None, "lessee": None, "trainer_key": None, "steps": 0}
+        self.slots = slots
+        self.broker = broker
         self.next_heartbeat = 0.0
         self.trainer_heartbeat: _TrainerHeartbeat | None = None
 
@@ -286,12 +289,17 @@ class FarmWorker(Worker):
             self.trainer_heartbeat.stop()
             self.trainer_heartbeat = None
         super().disconnect()
-        self.registration["lease"] = self.registration["lessee"] = None
+        self.registration["lease"] = self.registration["lessee"] = self.registration["trainer_key"] = None
         self.next_heartbeat = 0.0  # tell the broker at once
 
     def serve_one(self, message: dict[str, Any] | ProtocolError | None) -> None:
-        if isinstance(message, dict) and message.get("kind") == m.STEP and isinstance(message.get("envs"), list):
-            self.registration["steps"] += len(message["envs"])
+        envs = message.get("envs") if isinstance(message, dict) else None
+        if isinstance(message, dict) and message.get("kind") == m.CREATE and isinstance(envs, list) and len(envs) > self.slots:
+            refusal = ProtocolError(f"CREATE asks for {len(envs)} envs; this worker hosts at most {self.slots} (--slots)")
+            self.send(m.make(m.ERROR, message["rid"] if type(message.get("rid")) is int else 0, error=ErrorInfo.from_exception(refusal).to_data()))
+            return
+        if isinstance(message, dict) and message.get("kind") == m.STEP and isinstance(envs, list):
+            self.registration["steps"] += len(envs)
         super().serve_one(message)
 
     def from_broker(self) -> None:
@@ -306,12 +314,31 @@ class FarmWorker(Worker):
             server_key = message["server_key"]
             curve = (self.curve[0], server_key.encode()) if self.curve is not None and server_key else None
             try:
-                self.connect(message["endpoint"], curve)
+                self.connect(reachable(message["endpoint"], self.broker), curve)
             except (zmq.ZMQError, ValueError):  # an endpoint or key this worker cannot use: no lease
                 self.disconnect()
                 return
-            self.registration["lease"], self.registration["lessee"] = message["lease"], message["trainer"]
+            trainer_key = message.get("trainer_key")
+            self.registration.update(lease=message["lease"], lessee=message["trainer"], trainer_key=trainer_key if isinstance(trainer_key, str) else None)
             self.next_heartbeat = 0.0
+
+
+def reachable(endpoint: str, broker: str) -> str:
+    """The trainer's endpoint as this worker can reach it. A trainer that reaches the broker on
+    loopback runs on the broker's host and listens on every interface; a worker on another host
+    (one that reaches the broker by a routable address) finds it at the broker's address."""
+    trainer_host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    broker_host = broker[len("tcp://") :].rpartition(":")[0] if broker.startswith("tcp://") else ""
+    if not endpoint.startswith("tcp://") or not broker_host or not _is_loopback(trainer_host) or _is_loopback(broker_host):
+        return endpoint
+    return f"tcp://{broker_host}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host.strip("[]"))).is_loopback
+    except (OSError, ValueError):  # a name that does not resolve here: not this host's loopback
+        return False
 
 
 class _TrainerHeartbeat(threading.Thread):

@@ -4,6 +4,7 @@ by the test and removed afterwards. Traffic goes only to the test's own namespac
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import shutil
@@ -97,6 +98,23 @@ def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
             # silent for dead_after, then freed.
             assert wait_until(lambda: len(broker.workers) == 2 and all(r.lessee is None for r in broker.workers.values()), 20), "the cut-off worker did not come back"
             assert_serves(f"tcp://{HEAD}:{port}", 4)
+
+
+def test_a_trainer_that_reaches_the_broker_by_loopback(hosts):
+    # The common head-node setup: broker and trainer on one host, the trainer connecting to the
+    # broker at 127.0.0.1, workers on two other hosts. They find the trainer at the broker's address.
+    (ns_a, _), (ns_b, _) = hosts
+    with running_broker("tcp://0.0.0.0:0", dead_after=2.5) as broker:
+        port = broker.endpoint.rsplit(":", 1)[1]
+        with workers_of(broker, [remote_worker(ns_a, port), same_host_worker(ns_b, port)]):
+            assert_serves(f"tcp://127.0.0.1:{port}", 4)
+            # A trainer listening where the workers cannot reach it: a clear error, within the start-up timeout.
+            start = time.monotonic()
+            with pytest.raises(multiprocessing.TimeoutError, match=r"2 leased farm worker\(s\) .*did not connect to this trainer at tcp://127\.0\.0\.1:\d+ within 5 s.*Pass listen="):
+                envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}", listen="127.0.0.1", startup_timeout=5)
+            assert time.monotonic() - start < 5 + 3
+            assert wait_until(lambda: all(r.lessee is None for r in broker.workers.values()), 10), "the failed trainer's lease was not released"
+            assert_serves(f"tcp://127.0.0.1:{port}", 4)
 
 
 def test_two_trainers_and_a_restart_across_hosts(hosts):
