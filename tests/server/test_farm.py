@@ -440,6 +440,37 @@ def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(t
         assert stale.returncode == 1
 
 
+def test_a_worker_builds_no_more_envs_than_its_slots(quick_farm):
+    # A peer that leased a 2-slot worker asks it, directly, for 5000 envs on one CREATE.
+    broker, _ = quick_farm
+    context = zmq.Context()
+    try:
+        data = context.socket(zmq.ROUTER)
+        port = data.bind_to_random_port("tcp://127.0.0.1")
+        control = context.socket(zmq.DEALER)
+        control.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + os.urandom(15))
+        control.connect(broker.endpoint)
+        control.send_multipart([b"", *pack(m.make(m.LEASE, 1, envs=2, env_id="CartPole-v1", endpoint=f"tcp://127.0.0.1:{port}", server_key=None))])
+        assert control.poll(5000) and unpack(control.recv_multipart()[1:])["kind"] == m.LEASED
+        assert data.poll(5000)
+        identity, *frames = data.recv_multipart()
+        assert unpack(frames)["kind"] == m.HELLO
+        create = m.make(m.CREATE, 2, envs=list(range(5000)), source={"env_id": "CartPole-v1"}, autoreset_mode="NextStep")
+        data.send_multipart([identity, *pack(create)])
+        start = time.monotonic()
+        while True:  # heartbeats come from another identity; the reply from this one
+            assert data.poll(5000), "no reply to the oversized CREATE"
+            sender, *frames = data.recv_multipart()
+            if sender == identity:
+                break
+        reply = unpack(frames)
+        assert reply["kind"] == m.ERROR and "CREATE asks for 5000 envs; this worker hosts at most 2 (--slots)" in reply["error"]["message"]
+        assert time.monotonic() - start < 2.0  # refused, not built
+        control.send_multipart([b"", *pack(m.make(m.RELEASE, 3))])
+    finally:
+        context.destroy(linger=0)
+
+
 def test_worker_arguments_are_checked():
     for processes in ("0", "many"):
         result = subprocess.run([sys.executable, "-m", "envfarm", "worker", "--broker", "tcp://127.0.0.1:9", "--processes", processes], capture_output=True, text=True, timeout=30)
