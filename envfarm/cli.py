@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--bind", default="tcp://0.0.0.0:5555", help="endpoint for workers and trainers (default tcp://0.0.0.0:5555)")
     broker.add_argument("--dead-after", type=float, default=5.0, help="seconds of silence after which a worker is lost (default 5)")
     broker.add_argument("--curve-secret", help="CurveZMQ: this broker's secret key file (envfarm keygen)")
-    broker.add_argument("--curve-clients", help="CurveZMQ: directory of the public key files (*.key) it admits")
+    broker.add_argument(
+        "--curve-clients",
+        help="CurveZMQ: directory of the public key files (*.key) it admits, by role in its subdirectories workers/ (may register), "
+        "trainers/ (may lease, release and ask status) and admins/ (may ask status); keys right in the directory, without those "
+        "subdirectories, may do everything",
+    )
 
     worker = commands.add_parser("worker", help="run a farm worker that serves a broker's trainers")
     worker.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
@@ -110,10 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "worker":
         from envfarm.cpus import available_cpus
+        from envfarm.protocol import messages as m
         from envfarm.server.worker import run_farm_workers
 
-        if args.slots < 1:
-            print("envfarm worker: --slots must be at least 1", file=sys.stderr)
+        if not 1 <= args.slots <= m.MAX_SLOTS:
+            print(f"envfarm worker: --slots must be from 1 to {m.MAX_SLOTS}", file=sys.stderr)
+            return 2
+        allow = [pattern for pattern in args.allow.split(",") if pattern] if args.allow else None
+        # The broker drops a registration over these bounds: say so here rather than never register.
+        if allow is not None and (len(allow) > m.MAX_ALLOW or sum(map(len, allow)) > m.MAX_ALLOW_CHARS or max(map(len, allow), default=0) > m.MAX_PATTERN_CHARS):
+            print(f"envfarm worker: --allow takes at most {m.MAX_ALLOW} patterns of at most {m.MAX_PATTERN_CHARS} characters, {m.MAX_ALLOW_CHARS} in all", file=sys.stderr)
             return 2
         processes = available_cpus() if args.processes == "auto" else int(args.processes) if args.processes.isdigit() else 0
         if processes < 1:
@@ -124,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         curve = (args.curve_secret, args.broker_key) if args.curve_secret else None
         try:
-            run_farm_workers(args.broker, args.slots, processes, args.allow.split(",") if args.allow else None, curve, args.alive_file)
+            run_farm_workers(args.broker, args.slots, processes, allow, curve, args.alive_file)
         except KeyboardInterrupt:
             pass
         return 0

@@ -15,11 +15,11 @@ request, so a late reply to an abandoned request is recognised and dropped. The 
 
 In farm mode a broker leases workers to trainers and introduces them; it is not on the data path:
 
-    worker  -> HELLO   {version, pid, host, slots, allow, lease, lessee, steps}    every HEARTBEAT_INTERVAL
+    worker  -> HELLO   {version, pid, host, slots, allow, lease, lessee, trainer_key, steps}    every HEARTBEAT_INTERVAL
     trainer -> LEASE   {envs, env_id, endpoint, server_key, add?}   -> LEASED {workers: [[identity, slots, host, pid, key], ...], dead_after}
-    broker  -> JOIN    {endpoint, server_key, lease, trainer}   the worker connects to the trainer's endpoint
+    broker  -> JOIN    {endpoint, server_key, lease, trainer, trainer_key}   the worker connects to the trainer's endpoint
     trainer -> RELEASE {}                                   -> RESULT {}
-    anyone  -> STATUS  {}                                   -> RESULT {workers: [{...}], trainers}
+    trainer -> STATUS  {}                                   -> RESULT {workers: [{...}], trainers}   (also an admin's key)
     broker  -> CLOSE   {}                                   the lease is over
 
 A farm worker's HELLO to the broker doubles as its heartbeat: `slots` (envs it hosts at most),
@@ -37,11 +37,17 @@ the worker's heartbeat says how many requests it read and the last probe it read
 so a worker that read a probe but fewer requests than the probe counts has provably lost one.
 
 "envs" are global env indices; per-env errors travel as [[env index, error data], ...], so one
-failing env never hides the results of the others. The field types are checked by `check`.
+failing env never hides the results of the others. The field types are checked by `check`. The
+broker, which any peer that reaches its port can talk to, also checks every field it reads against
+`CONTROL_BOUNDS` (`check_control`): types, lengths, counts and ranges, so that one message costs it
+a bounded amount of work and memory whatever it holds. With Curve, JOIN's `trainer_key` is the key
+the trainer proved to the broker; a worker reports it in HELLO with its lease, so that a restarted
+broker binds the trainer's identity to that key again.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from envfarm.protocol.errors import ProtocolError
@@ -87,7 +93,8 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     ERROR: {"error": dict},
     LEASE: {"envs": int, "env_id": str, "endpoint": str, "server_key": (str, type(None))},
     LEASED: {"workers": _list, "dead_after": (int, float)},
-    JOIN: {"endpoint": str, "server_key": (str, type(None)), "lease": str, "trainer": bytes},
+    # trainer_key: None from a broker older than it, or without Curve
+    JOIN: {"endpoint": str, "server_key": (str, type(None)), "lease": str, "trainer": bytes, "trainer_key": (str, type(None))},
     RELEASE: {},
     STATUS: {},
 }
@@ -133,7 +140,7 @@ def check(message: dict[str, Any]) -> dict[str, Any]:
     kind, rid = message.get("kind"), message.get("rid")
     fields = FIELDS.get(kind) if isinstance(kind, str) else None
     if fields is None:
-        raise ProtocolError(f"unknown message kind {kind!r:.40}; known kinds: {', '.join(FIELDS)}")
+        raise ProtocolError(f"unknown message kind {describe(kind)}; known kinds: {', '.join(FIELDS)}")
     if type(rid) is not int:
         raise ProtocolError(f"{kind} message has no integer 'rid'")
     for name, types in fields.items():
@@ -141,9 +148,95 @@ def check(message: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, types) or (types is int and type(value) is bool):
             raise ProtocolError(f"{kind} message field {name!r} must be {_names(types)}, got {type(value).__name__}")
     if kind == HELLO and message["version"] != PROTOCOL_VERSION:
-        raise ProtocolError(f"peer speaks envfarm protocol version {message['version']}, this side speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(f"peer speaks envfarm protocol version {describe(message['version'])}, this side speaks {PROTOCOL_VERSION}")
     return message
+
+
+def describe(value: Any) -> str:
+    """A short text for a value a peer sent, safe whatever the value: repr() of a nested container
+    recurses once per level (a list nested 1000 deep raises RecursionError) and costs its whole
+    size, so containers are named by type only, and strings and numbers are cut."""
+    if isinstance(value, (str, bytes)):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and value.bit_length() <= 64):
+        return repr(value)
+    return f"a value of type {type(value).__name__}"
 
 
 def _names(types: type | tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What one field may hold: one of `types`, and for a str, bytes or list a length, for an int a
+    value, from `least` to `most`. A list's items must each fit `items`, and their lengths add up
+    to at most `total`. None passes where `types` includes NoneType, and then nothing else is checked."""
+
+    types: type | tuple[type, ...]
+    least: int = 0
+    most: int = (1 << 63) - 1
+    items: Bound | None = None
+    total: int | None = None
+
+    def check(self, kind: str, name: str, value: Any) -> None:
+        if not isinstance(value, self.types) or (type(value) is bool and not _admits_bool(self.types)):
+            raise ProtocolError(f"{kind} message field {name!r} must be {_names(self.types)}, got {type(value).__name__}")
+        if value is None or type(value) is bool:
+            return
+        size = value if isinstance(value, int) else len(value)
+        if not self.least <= size <= self.most:
+            what = "" if isinstance(value, int) else "the length of "
+            raise ProtocolError(f"{kind} message field {name!r}: {what}{size} is outside {self.least}..{self.most}")
+        if self.items is not None:
+            for item in value:
+                self.items.check(kind, f"{name} item", item)
+            if self.total is not None and sum(len(item) for item in value) > self.total:
+                raise ProtocolError(f"{kind} message field {name!r}: its items hold more than {self.total} in all")
+
+
+def _admits_bool(types: type | tuple[type, ...]) -> bool:
+    return bool in (types if isinstance(types, tuple) else (types,))
+
+
+_NONE = type(None)
+MAX_SLOTS = 4096  # envs one worker hosts at most
+MAX_ALLOW = 64  # env id patterns one worker may name, each of at most MAX_PATTERN_CHARS ...
+MAX_PATTERN_CHARS = 128
+MAX_ALLOW_CHARS = 1024  # ... with this many characters in all: each is compiled once, at registration
+KEY_CHARS = 40  # a Curve public key in z85
+# The fields of the control messages the broker reads, bounded: any peer that reaches its port can
+# send them, and a registration is kept (and matched on every lease) for as long as its worker lives.
+CONTROL_BOUNDS: dict[str, dict[str, Bound]] = {
+    HELLO: {
+        "pid": Bound(int, 0, (1 << 32) - 1),
+        "host": Bound(str, 0, 255),  # a host name is at most 253 characters
+        "slots": Bound(int, 1, MAX_SLOTS),
+        "allow": Bound((list, _NONE), 0, MAX_ALLOW, items=Bound(str, 1, MAX_PATTERN_CHARS), total=MAX_ALLOW_CHARS),
+        "lease": Bound((str, _NONE), 1, 64),
+        "lessee": Bound((bytes, _NONE), 1, 255),  # a ZeroMQ routing identity is at most 255 bytes
+        "steps": Bound(int, 0),
+        "trainer_key": Bound((str, _NONE), KEY_CHARS, KEY_CHARS),
+    },
+    LEASE: {
+        "envs": Bound(int, 1, 1 << 20),
+        "env_id": Bound(str, 1, 256),
+        "endpoint": Bound(str, 1, 300),  # tcp://, a host name, a port
+        "server_key": Bound((str, _NONE), KEY_CHARS, KEY_CHARS),
+        "add": Bound((bool, _NONE)),
+    },
+    RELEASE: {},
+    STATUS: {},
+}
+
+
+def check_control(message: dict[str, Any]) -> dict[str, Any]:
+    """`check`, then the bounds of CONTROL_BOUNDS for the fields the broker reads from a message of
+    that kind; raises ProtocolError for a kind the broker does not serve."""
+    kind = check(message)["kind"]
+    bounds = CONTROL_BOUNDS.get(kind)
+    if bounds is None:
+        raise ProtocolError(f"the broker does not serve {kind} messages")
+    for name, bound in bounds.items():
+        bound.check(kind, name, message.get(name))
+    return message

@@ -15,15 +15,24 @@ struck off (its trainer, which hears the worker's own heartbeats, notices by its
 workers report the lease they serve, a restarted broker learns who holds what from them, and
 trainers train on through the restart.
 
-The broker decodes only control messages, never with pickles, and never blocks on a peer.
+The broker decodes only control messages, never with pickles, and never blocks on a peer. Every
+field it reads is checked against a bounded schema first (`messages.check_control`), and whatever a
+message does, it is that peer's problem only: the broker goes on serving the others.
+
+With CurveZMQ, identities are bound to keys: a worker's to the key it registered with, a trainer's
+to the key it leased with, or after a restart to the key its workers report (JOIN told them). With
+role directories (`envfarm.curve.load_roles`) a key may do only what its role allows: workers
+register, trainers lease, release and ask STATUS, admins ask STATUS.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +40,7 @@ from typing import Any
 
 import zmq
 
-from envfarm.curve import load_key_pair, secure_server
+from envfarm.curve import ADMINS, TRAINERS, WORKERS, load_key_pair, load_roles, secure_server
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
@@ -39,6 +48,7 @@ from envfarm.protocol.packing import pack, unpack
 MAX_MESSAGE_BYTES = 1 << 20  # control messages are small; a socket facing the network refuses larger frames
 _TCP_ENDPOINT = re.compile(r"tcp://[^\s/]+:\d{1,5}")
 _FRESH_HEARTBEATS = 2.5  # a worker is leased out only if heard from within this many heartbeat intervals
+MAX_WORKERS = 10_000  # registrations kept at most: a flood of identities cannot grow the registry without end
 
 
 @dataclass
@@ -49,6 +59,7 @@ class RegisteredWorker:
     pid: int
     key: str | None  # the CurveZMQ public key (z85) it proved when it registered; handed to its lessee
     allow: list[str] | None  # the env id patterns it builds (None: any id registered there)
+    allows: re.Pattern[str] | None  # `allow`, compiled once: a lease then costs one match per worker
     lessee: bytes | None = None
     lease: str | None = None  # the token of its current lease
     joined: bool = False  # it has reported serving `lease`: from then on, reporting another means it left
@@ -77,6 +88,13 @@ def _reachable(endpoint: str, peer_address: str) -> str:
     return endpoint
 
 
+@functools.lru_cache(maxsize=256)  # a farm's workers mostly share a few allow-lists
+def _compile_allow(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One regular expression that matches the env ids any of the fnmatch patterns matches (none
+    matches nothing)."""
+    return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns) or "(?!)")
+
+
 def set_tcp_heartbeats(socket: zmq.Socket) -> None:
     """ZMTP heartbeats: a dead host or a half-open TCP connection is noticed and reconnected."""
     socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
@@ -87,10 +105,12 @@ def set_tcp_heartbeats(socket: zmq.Socket) -> None:
 class Broker:
     """Serves one ROUTER socket until `stop()`."""
 
-    def __init__(self, bind: str, dead_after: float = 5.0, curve: tuple[str, str] | None = None):
+    def __init__(self, bind: str, dead_after: float = 5.0, curve: tuple[str, str] | None = None, max_workers: int = MAX_WORKERS):
         """`dead_after`: a worker silent this long (dead, frozen, cut off, or stuck in one request)
         is struck off; trainers use the same deadline for the workers they lease.
-        `curve`: (this broker's secret key file, directory of admitted public keys): CurveZMQ."""
+        `curve`: (this broker's secret key file, directory of admitted public keys): CurveZMQ. The
+        directory holds the keys of each role in `workers/`, `trainers/` and `admins/`, or all keys
+        in itself (each then may do everything). `max_workers`: registrations it keeps at most."""
         if dead_after <= 2 * m.HEARTBEAT_INTERVAL:
             raise ValueError(f"dead_after must exceed two heartbeat intervals ({2 * m.HEARTBEAT_INTERVAL} s), got {dead_after}")
         self.dead_after = dead_after
@@ -104,13 +124,18 @@ class Broker:
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         set_tcp_heartbeats(self.socket)
         self._authenticator = None
+        self.roles: dict[str, frozenset[str]] | None = None  # with Curve role directories: each key's roles
         if curve is not None:
-            self._authenticator = secure_server(self.context, self.socket, load_key_pair(curve[0]), curve[1])
+            self.roles = load_roles(curve[1])
+            roles = self.roles
+            admitted = curve[1] if roles is None else (lambda key: key.decode("ascii", "replace") in roles)
+            self._authenticator = secure_server(self.context, self.socket, load_key_pair(curve[0]), admitted)
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.max_workers = max_workers
         self.workers: dict[bytes, RegisteredWorker] = {}
         self.trainers: dict[bytes, float] = {}  # trainers holding a lease: when each was last heard from
-        self.trainer_keys: dict[bytes, str | None] = {}  # with Curve, the key each of them proved
+        self.trainer_keys: dict[bytes, str | None] = {}  # the key each of them is bound to (without Curve, None)
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -139,29 +164,40 @@ class Broker:
                 identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            sender = identity.bytes
-            if not frames:
-                continue
-            key = _frame_property(frames[0], "User-Id") or None  # with Curve: the sender's public key, proven
-            if sender.startswith(m.WORKER_PREFIX):
+            try:
+                self._handle(identity.bytes, frames)
+            except Exception as exc:  # a bug that one peer's message reached: that peer's problem only
+                info = ErrorInfo.from_exception(exc)
+                print(f"envfarm broker: dropped a message from {identity.bytes[:16]!r}: {info.type}: {info.message}"[:500], file=sys.stderr, flush=True)
+
+    def _handle(self, sender: bytes, frames: list[zmq.Frame]) -> None:
+        if not frames:
+            return
+        key = _frame_property(frames[0], "User-Id") or None  # with Curve: the sender's public key, proven
+        if sender.startswith(m.WORKER_PREFIX):
+            if self._may(key, WORKERS):
                 self._from_worker(sender, [f.bytes for f in frames], key)
-            elif sender.startswith(m.TRAINER_PREFIX) and sender.endswith(m.HEARTBEAT_SUFFIX):
-                trainer = sender[: -len(m.HEARTBEAT_SUFFIX)]
-                if trainer in self.trainers and self._speaks_for(trainer, key):
-                    self.trainers[trainer] = time.monotonic()
-            elif sender.startswith(m.TRAINER_PREFIX) and len(frames) > 1 and frames[0].bytes == b"":
-                if not self._speaks_for(sender, key):
-                    continue
-                if sender in self.trainers:
-                    self.trainers[sender] = time.monotonic()
-                self._from_trainer(sender, [f.bytes for f in frames[1:]], _frame_property(frames[0], "Peer-Address"))
-                self._speaks_for(sender, key)  # a lease just made binds the identity to this key
+        elif sender.startswith(m.TRAINER_PREFIX) and sender.endswith(m.HEARTBEAT_SUFFIX):
+            trainer = sender[: -len(m.HEARTBEAT_SUFFIX)]
+            if trainer in self.trainers and self._speaks_for(trainer, key):
+                self.trainers[trainer] = time.monotonic()
+        elif sender.startswith(m.TRAINER_PREFIX) and len(frames) > 1 and frames[0].bytes == b"":
+            if not self._speaks_for(sender, key):
+                return
+            if sender in self.trainers:
+                self.trainers[sender] = time.monotonic()
+            self._from_trainer(sender, [f.bytes for f in frames[1:]], _frame_property(frames[0], "Peer-Address"), key)
+
+    def _may(self, key: str | None, role: str) -> bool:
+        """Whether the peer that proved `key` holds `role`. Without role directories (no Curve, or
+        one directory of keys) every peer holds every role."""
+        return self.roles is None or role in self.roles.get(key or "", ())
 
     def _speaks_for(self, trainer: bytes, key: str | None) -> bool:
         """Whether a message under this trainer's identity comes from the key that holds it. A
-        lease-holding trainer's identity is bound to the first key seen under it from then on
-        (its own: the one it leased with; without Curve, None)."""
-        return self.trainer_keys.setdefault(trainer, key) == key if trainer in self.trainers else True
+        lease-holding trainer's identity is bound to one key (without Curve, None): the one it
+        leased with, or after a broker restart the one its workers report."""
+        return trainer not in self.trainers or self.trainer_keys.get(trainer) == key
 
     def _send(self, frames: list[Any]) -> None:
         # Never blocks: a peer that is gone (EHOSTUNREACH) or does not read (its queue is full:
@@ -180,31 +216,29 @@ class Broker:
 
     def _from_worker(self, worker: bytes, frames: list[bytes], key: str | None) -> None:
         try:
-            hello = m.check(unpack(frames))
+            hello = m.check_control(unpack(frames))
         except ProtocolError:
             return
         if hello["kind"] != m.HELLO:
             return  # workers send the broker nothing else
-        lease, lessee, steps = hello.get("lease"), hello.get("lessee"), hello.get("steps")
+        lease, lessee, steps = hello["lease"], hello["lessee"], hello["steps"]
         record = self.workers.get(worker)
         if record is not None and record.key != key:
             return  # another key under a registered worker's identity: not that worker
         if record is None:
-            slots, allow = hello.get("slots"), hello.get("allow")
+            if len(self.workers) >= self.max_workers:
+                return  # full: it is registered once a place frees up (a silent worker is struck off)
+            allow = hello["allow"]
             record = RegisteredWorker(
-                worker, slots if type(slots) is int and slots > 0 else 1, hello["host"], hello["pid"], key,
-                [str(pattern) for pattern in allow] if isinstance(allow, list) else None,
+                worker, hello["slots"], hello["host"], hello["pid"], key,
+                allow, _compile_allow(tuple(allow)) if allow is not None else None,
             )
             self.workers[worker] = record
-            if isinstance(lease, str) and isinstance(lessee, bytes) and lessee.startswith(m.TRAINER_PREFIX):
-                # It serves a lease this broker has not seen (it restarted): the lease stands until
-                # its trainer goes silent or releases it.
-                record.lessee, record.lease, record.joined = lessee, lease, True
-                self.trainers.setdefault(lessee, time.monotonic())
+            if lease is not None and lessee is not None and lessee.startswith(m.TRAINER_PREFIX):
+                self._adopt(record, lease, lessee, hello.get("trainer_key"))
         now = time.monotonic()
-        if type(steps) is int:
-            record.steps_per_s = max(0, steps - record.steps) / max(now - record.last_seen, 1e-3)
-            record.steps = steps
+        record.steps_per_s = max(0, steps - record.steps) / max(now - record.last_seen, 1e-3)
+        record.steps = steps
         record.last_seen = now
         if record.lessee is not None:
             if lease == record.lease:
@@ -212,24 +246,41 @@ class Broker:
             elif record.joined:  # it left its lease (its trainer closed it, or gave it up for lost)
                 record.lessee, record.lease, record.joined = None, None, False
 
-    def _from_trainer(self, trainer: bytes, frames: list[bytes], peer_address: str) -> None:
+    def _adopt(self, record: RegisteredWorker, lease: str, lessee: bytes, trainer_key: str | None) -> None:
+        """A newly registered worker serves a lease this broker has not seen (it restarted): the
+        lease stands until its trainer goes silent or releases it. With Curve, the trainer's identity
+        is bound to the key the worker reports that trainer leased with, so that no other key can
+        speak for it (every leased worker learns a trainer's identity in JOIN, and could otherwise
+        claim it first). A lease that cannot be bound so is ended."""
+        bound = trainer_key if record.key is not None else None  # without Curve, trainers are bound to None
+        if record.key is not None and (trainer_key is None or not self._may(trainer_key, TRAINERS)):
+            self._send([record.identity, *pack(m.make(m.CLOSE, 0))])
+            return
+        if lessee in self.trainers and self.trainer_keys.get(lessee) != bound:
+            self._send([record.identity, *pack(m.make(m.CLOSE, 0))])  # its workers disagree on the key: one lies
+            return
+        record.lessee, record.lease, record.joined = lessee, lease, True
+        self.trainers.setdefault(lessee, time.monotonic())
+        self.trainer_keys[lessee] = bound
+
+    def _from_trainer(self, trainer: bytes, frames: list[bytes], peer_address: str, key: str | None) -> None:
         rid = 0
         try:
-            message = m.check(unpack(frames))
-            rid = message["rid"]
-            reply = self._control(trainer, message, peer_address)
+            message = unpack(frames)
+            rid = message["rid"] if type(message.get("rid")) is int else 0
+            reply = self._control(trainer, m.check_control(message), peer_address, key)
         except Exception as exc:
             reply = m.make(m.ERROR, rid, error=ErrorInfo.from_exception(exc).to_data())
         self._send([trainer, b"", *pack(reply)])
 
-    def _control(self, trainer: bytes, message: dict[str, Any], peer_address: str) -> dict[str, Any]:
+    def _control(self, trainer: bytes, message: dict[str, Any], peer_address: str, key: str | None) -> dict[str, Any]:
         kind, rid = message["kind"], message["rid"]
+        if not self._may(key, TRAINERS) and not (kind == m.STATUS and self._may(key, ADMINS)):
+            raise PermissionError(f"this key may not send {kind}: it is not among the broker's {TRAINERS} keys")
         if kind == m.LEASE:
             if not _TCP_ENDPOINT.fullmatch(message["endpoint"]):
                 raise ProtocolError(f"a trainer's endpoint must be tcp://host:port, got {message['endpoint']!r:.80}")
-            if message["server_key"] is not None and len(message["server_key"]) != 40:
-                raise ProtocolError("a trainer's server_key must be a Curve public key: 40 characters of z85")
-            return self._lease(trainer, message, _reachable(message["endpoint"], peer_address))
+            return self._lease(trainer, message, _reachable(message["endpoint"], peer_address), key)
         if kind == m.RELEASE:
             self._release(trainer)
             return m.make(m.RESULT, rid, errors=[])
@@ -244,7 +295,7 @@ class Broker:
             return m.make(m.RESULT, rid, errors=[], workers=workers, trainers=len(self.trainers))
         raise ProtocolError(f"the broker does not serve {kind} messages")
 
-    def _lease(self, trainer: bytes, message: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    def _lease(self, trainer: bytes, message: dict[str, Any], endpoint: str, key: str | None) -> dict[str, Any]:
         """Picks free workers with enough slots for `envs` and sends each JOIN. A new lease
         replaces the trainer's last one, unless add=True: one more worker that hosts all `envs`
         (a lost worker's replacement)."""
@@ -268,9 +319,10 @@ class Broker:
                 raise RuntimeError(f"the farm has {sum(r.slots for r in free)} free slots for {env_id!r}{besides}, {message['envs']} were asked for")
         for record in leased:
             record.lessee, record.lease, record.joined = trainer, secrets.token_hex(8), False
-            join = m.make(m.JOIN, 0, endpoint=endpoint, server_key=message["server_key"], lease=record.lease, trainer=trainer)
+            join = m.make(m.JOIN, 0, endpoint=endpoint, server_key=message["server_key"], lease=record.lease, trainer=trainer, trainer_key=key)
             self._send([record.identity, *pack(join)])
         self.trainers[trainer] = time.monotonic()
+        self.trainer_keys[trainer] = key  # the lease binds the identity to this key
         workers = [[r.identity, r.slots, r.host, r.pid, r.key] for r in leased]
         return m.make(m.LEASED, message["rid"], workers=workers, dead_after=self.dead_after)
 
@@ -281,7 +333,7 @@ class Broker:
         return [
             r for r in self.workers.values()
             if r.lessee is None and r.last_seen >= heard_since
-            and (env_id is None or r.allow is None or any(fnmatch.fnmatchcase(env_id, pattern) for pattern in r.allow))
+            and (env_id is None or r.allows is None or r.allows.match(env_id) is not None)
         ]
 
     def _release(self, trainer: bytes) -> None:
