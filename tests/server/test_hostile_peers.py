@@ -1,7 +1,8 @@
 """A broker facing hostile peers: one peer's message, however crafted, is that peer's problem only.
 
-Each test sends the broker what a hostile or careless peer could, then checks that it still serves
-a real trainer: a worker process registered with it is leased, reset, stepped and closed.
+The tests send the broker what a hostile or careless peer could, crafted on DEALER sockets, then
+check what a user sees: the broker still serves a real trainer (a worker process registered with
+it is leased, reset, stepped and closed), and a peer gets no further than its key's role allows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import zmq.auth
 from farms import assert_serves, running_broker, start_farm, workers_of
 from polling import wait_until
 
+import envfarm
 from envfarm.curve import keygen
 from envfarm.protocol import PROTOCOL_VERSION, pack, unpack
 from envfarm.protocol import messages as m
@@ -170,6 +172,7 @@ def keys(tmp_path):
     def pair(name: str) -> tuple[bytes, bytes]:
         return zmq.auth.load_certificate(str(tmp_path / f"{name}.key_secret"))
 
+    pair.file = lambda name: str(tmp_path / name)  # type: ignore[attr-defined]
     pair.curve = (str(tmp_path / "broker.key_secret"), str(clients))  # type: ignore[attr-defined]
     pair.broker_key = pair("broker")[0]  # type: ignore[attr-defined]
     return pair
@@ -258,3 +261,31 @@ def test_without_a_reported_trainer_key_a_curve_broker_ends_the_lease(keys):
         worker.send_multipart(pack(registration(lease="0123456789abcdef", lessee=m.TRAINER_PREFIX + os.urandom(15))))
         assert worker.poll(5000) and unpack(worker.recv_multipart())["kind"] == m.CLOSE
         assert broker.workers[m.WORKER_PREFIX + b"-old"].lessee is None
+
+
+def test_curve_training_goes_on_through_a_broker_restart(keys):
+    # Real workers and a real trainer, keys by role: the workers report their trainer's key with
+    # their lease, and the restarted broker adopts the lease bound to it (a lease it could not bind
+    # would be closed, and the trainer would lose its workers).
+    worker_curve = ("--curve-secret", keys.file("worker.key_secret"), "--broker-key", keys.file("broker.key"))
+    trainer_curve = (keys.file("trainer.key_secret"), keys.file("broker.key"))
+    with start_farm(2, 2, *worker_curve, dead_after=2.5, curve=keys.curve) as (broker, _):
+        envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, curve=trainer_curve)
+        try:
+            envs.reset(seed=0)
+            broker.stop()
+            time.sleep(0.5)
+            with running_broker(broker.endpoint, dead_after=2.5, curve=keys.curve) as again:
+                for _ in range(50):
+                    envs.step(envs.action_space.sample())
+                identity = envs._router.broker.getsockopt(zmq.IDENTITY)
+                assert wait_until(lambda: len(again.workers) == 2 and all(r.lessee == identity for r in again.workers.values()), 15)
+                assert again.trainer_keys[identity] == keys("trainer")[0].decode()
+                time.sleep(3)  # longer than dead_after: the trainer's heartbeats, under its key, keep the lease
+                assert all(r.lessee == identity for r in again.workers.values())
+                envs.step(envs.action_space.sample())
+                envs.close()
+                assert wait_until(lambda: all(r.lessee is None for r in again.workers.values()), 5)
+                assert_serves(again.endpoint, 4, curve=trainer_curve)
+        finally:
+            envs.close()
