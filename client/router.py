@@ -80,6 +80,7 @@ _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes w
 _SILENCE_CHECK = 0.25  # seconds between looks at the farm workers' heartbeats while waiting
 _MAX_EARLY = 1024  # early HELLOs kept, at most
 _MAX_EARLY_BYTES = 1024  # a HELLO is a few dozen bytes: a larger one is not kept
+_FARM_RECEIVE_QUEUE = 64  # messages queued per peer, at most: a worker has one reply in flight; a flooder waits
 _DRAIN_BUDGET = 256  # messages read from the socket between two looks at what is complete
 _ADMISSION_WAIT = 2.0  # seconds a connecting worker's key may wait for the lease that admits it
 MAX_FARM_FRAME_BYTES = 1 << 30  # the largest frame a farm trainer accepts: a worker's block of observations fits
@@ -161,7 +162,7 @@ class Router:
         self.server_key = curve[0][0].decode() if broker is not None and curve is not None else None
         self.dead_after: float | None = None  # set by the broker's lease: how long a farm worker may be silent
         self._patience: float | None = None
-        self._next_probe = 0.0
+        self._next_probe = self._next_drain = 0.0
         self.broker: zmq.Socket | None = None
         self._authenticator = None
         self.context = zmq.Context()
@@ -172,6 +173,7 @@ class Router:
             self.socket.setsockopt(zmq.LINGER, 0)
             if broker is not None:  # a port on the network: bound what a stranger can make it buffer
                 self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FARM_FRAME_BYTES)
+                self.socket.setsockopt(zmq.RCVHWM, _FARM_RECEIVE_QUEUE)
             if self.server_key is not None:
                 self._authenticator = secure_server(self.context, self.socket, curve[0], self._admits, wait=_ADMISSION_WAIT)
             self.socket.bind(endpoint)
@@ -302,6 +304,11 @@ class Router:
         for worker in [worker for worker in pending if worker in self._arrived]:
             self._accept(worker, self._arrived.pop(worker), pending, replies)
         self._collect_channels(pending, replies)
+        if self.dead_after is not None and time.monotonic() >= self._next_drain:
+            # Replies on channels never wake the socket: heartbeats, and whatever strangers send to
+            # this port, are read (and let go) here, so they cannot pile up in it.
+            self._next_drain = time.monotonic() + _SILENCE_CHECK
+            self._drain(pending, replies)
         if not pending or (replies and not wait_all):
             return True
         remaining = None if deadline is None else deadline - time.monotonic()
