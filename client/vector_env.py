@@ -455,6 +455,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         for space, leaf in zip(space_codec.leaves(self.single_action_space), leaves):
             if space_codec.is_fixed(space):
                 leaf = np.asarray(leaf)
+                if leaf.ndim == 0 and count > 0 and not leaf.dtype.hasobject:  # SyncVectorEnv fails on it with a TypeError too
+                    raise TypeError(f"actions must be a batch with one row per env ({count}), got the scalar {leaf.item()!r:.100}")
                 if leaf.shape != (count, *space.shape) or leaf.dtype.hasobject:
                     raise ValueError(
                         f"actions for {space} must be an array of shape {(count, *space.shape)} "
@@ -563,6 +565,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         killed. With `terminate=True` they are killed at once. Shared memory is always unlinked.
         """
         timeout = DEFAULT_CLOSE_TIMEOUT if timeout is None else timeout
+        if self._state != AsyncState.DEFAULT:  # as AsyncVectorEnv says, terminating or not
+            logger.warn(f"Calling `close` while waiting for a pending call to `{self._state.value}` to complete.")
         try:
             if not terminate and self._failure is None:
                 self._close_gracefully(timeout)
@@ -573,7 +577,6 @@ class FarmVectorEnv(SendRecv, VectorEnv):
 
     def _close_gracefully(self, timeout: float) -> None:
         if self._state != AsyncState.DEFAULT:
-            logger.warn(f"Calling `close` while waiting for a pending call to `{self._state.value}` to complete.")
             rid, targets = self._pending
             self._router.gather(rid, targets, timeout)
         for worker, reply in self._replies(self._router.ask(m.CLOSE, {worker: {} for worker in self._workers}, timeout)):

@@ -99,6 +99,15 @@ def test_pending_call_errors_match_gymnasium(envs):
         envs.call_wait()
 
 
+@pytest.mark.parametrize("terminate", [False, True])
+def test_closing_with_a_call_pending_warns_as_gymnasium(terminate):
+    envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, obs="dict")] * 2, num_workers=2)
+    envs.reset(seed=0)
+    envs.step_async(np.zeros(2, dtype=np.int64))
+    with pytest.warns(UserWarning, match="Calling `close` while waiting for a pending call to `step` to complete."):
+        envs.close(terminate=terminate)
+
+
 def test_call_get_set_attr_and_render(envs):
     envs.reset(seed=0)
     frames = envs.render()
@@ -122,6 +131,8 @@ def test_wrong_action_shape_is_a_clear_error_and_loses_nothing(envs):
         envs.step(np.zeros(3, dtype=np.int64))
     with pytest.raises(ValueError, match="got dtype object"):
         envs.step({"wrong": 1})
+    with pytest.raises(TypeError, match=r"one row per env \(4\), got the scalar 0"):  # as SyncVectorEnv: TypeError
+        envs.step(0)
     _, _, _, _, info = envs.step(np.ones(4, dtype=np.int64))  # nothing was sent: the env still works
     assert info["t"].tolist() == [1, 1, 1, 1]
 
