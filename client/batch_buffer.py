@@ -71,7 +71,7 @@ class BatchBuffer:
     def write_actions(self, rows: slice | Sequence[int], leaves: Sequence[Any]) -> None:
         """Puts the fixed leaves of a batch of actions where shared-memory workers read them."""
         for shared, leaf in zip(self.actions, leaves):
-            if shared is not None:
+            if shared is not None and isinstance(leaf, np.ndarray) and leaf.dtype == shared.dtype:  # else sent in the message
                 shared[rows] = leaf
 
     def copy_from(self, other: BatchBuffer) -> None:

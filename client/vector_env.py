@@ -470,7 +470,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     def _action_payload(self, worker: WorkerHandle, leaves: list[Any], rows: slice | list[int]) -> list[Any]:
         """A worker's rows of each action leaf; None where it reads them from the shared batch buffer."""
         return [
-            None if worker.shared_memory and shared is not None else (leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[i] for i in _indices(rows, len(leaf))])
+            None if worker.shared_memory and _fits_exactly(leaf, shared) else (leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[i] for i in _indices(rows, len(leaf))])
             for leaf, shared in zip(leaves, self._buffer.actions)
         ]
 
@@ -718,6 +718,12 @@ def _truncated_by_restart(reset_reply: dict[str, Any]) -> dict[str, Any]:
         "truncated": np.ones(count, np.bool_),
         "infos": [{**info, "envfarm_restarted": True} for info in reset_reply["infos"]],
     }
+
+
+def _fits_exactly(leaf: Any, shared: np.ndarray | None) -> bool:
+    """Whether actions can go through the shared buffer unchanged: an env sees exactly the values
+    the caller gave, as with SyncVectorEnv, never a cast (0.7 into an int64 row becomes 0)."""
+    return shared is not None and isinstance(leaf, np.ndarray) and leaf.dtype == shared.dtype
 
 
 def _indices(rows: slice | list[int], length: int) -> range | list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -217,3 +218,22 @@ def test_inline_worker_serves_the_last_block_in_this_process():
         assert envs.get_attr("total_steps") == (2, 2, 2, 2)
     finally:
         envs.close()
+
+
+@pytest.mark.parametrize("action", [0.7, 1.9, np.nan], ids=["0.7", "1.9", "nan"])
+def test_actions_reach_the_env_as_given_with_shared_memory(action):
+    # The shared action rows have the space's dtype; a value that would be cast there (0.7 -> 0)
+    # travels in the message instead, so the env judges the caller's own value, as under Sync.
+    actions = np.array([0, 1, action, 0])
+    sync = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
+    envs = envfarm.FarmVectorEnv([lambda: gym.make("CartPole-v1")] * 4, num_workers=2, shared_memory=True)
+    try:
+        sync.reset(seed=0)
+        envs.reset(seed=0)
+        with pytest.raises(Exception) as expected:
+            sync.step(actions)
+        with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+            envs.step(actions)
+    finally:
+        envs.close()
+        sync.close()
