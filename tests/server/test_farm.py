@@ -457,7 +457,6 @@ def test_a_worker_builds_no_more_envs_than_its_slots(quick_farm):
         assert unpack(frames)["kind"] == m.HELLO
         create = m.make(m.CREATE, 2, envs=list(range(5000)), source={"env_id": "CartPole-v1"}, autoreset_mode="NextStep")
         data.send_multipart([identity, *pack(create)])
-        start = time.monotonic()
         while True:  # heartbeats come from another identity; the reply from this one
             assert data.poll(5000), "no reply to the oversized CREATE"
             sender, *frames = data.recv_multipart()
@@ -465,7 +464,6 @@ def test_a_worker_builds_no_more_envs_than_its_slots(quick_farm):
                 break
         reply = unpack(frames)
         assert reply["kind"] == m.ERROR and "CREATE asks for 5000 envs; this worker hosts at most 2 (--slots)" in reply["error"]["message"]
-        assert time.monotonic() - start < 2.0  # refused, not built
         control.send_multipart([b"", *pack(m.make(m.RELEASE, 3))])
     finally:
         context.destroy(linger=0)
