@@ -43,7 +43,7 @@ class BatchBuffer:
             return np.ndarray(shape, dtype=np.dtype(dtype), buffer=self.segment.buffer, offset=offset)
 
         self.leaves: list[Any] = [
-            array(region) if region is not None else list(create_empty_array(leaf, n=num_envs))
+            array(region) if region is not None else _values(leaf, num_envs)
             for leaf, region in zip(space_codec.leaves(observation_space), layout["obs"])
         ]
         self.actions: list[np.ndarray | None] = [None if region is None else array(region) for region in layout["actions"]]
@@ -101,3 +101,10 @@ class BatchBuffer:
             self.leaves, self.actions = [], []
             self.rewards = self.terminations = self.truncations = None
             self.segment.close()
+
+
+def _values(leaf: spaces.Space, num_envs: int) -> list[Any]:
+    """A leaf whose values are not arrays of one shape: a list of them, one per env (a custom
+    space, for which Gymnasium has no empty value, starts as Nones)."""
+    empty = create_empty_array(leaf, n=num_envs)
+    return [None] * num_envs if empty is None else list(empty)

@@ -28,7 +28,7 @@ from typing import Any
 
 import cloudpickle
 import numpy as np
-from gymnasium import Env, Space, logger
+from gymnasium import Env, Space, logger, spaces
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError, ResetNeeded
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from gymnasium.vector import AutoresetMode, VectorEnv
@@ -63,6 +63,8 @@ TRAINER_SPIN_SECONDS = 200e-6
 DEFAULT_STARTUP_TIMEOUT = 120.0
 CONNECT_TIMEOUT = 15.0  # seconds a leased farm worker has to connect to the trainer (it takes milliseconds)
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
+# Gymnasium's own leaf spaces; any other is a custom space, carried as values (pickled, locally).
+_STANDARD_LEAVES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary, spaces.Text, spaces.Graph, spaces.Sequence, spaces.OneOf)
 
 
 class FarmVectorEnv(SendRecv, VectorEnv):
@@ -216,6 +218,10 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self.metadata["autoreset_mode"] = self.autoreset_mode
         self.render_mode = first["render_mode"]
         self._set_spaces(obs_spaces, action_spaces)
+        if self.shared_memory and any(not isinstance(leaf, _STANDARD_LEAVES) for leaf in space_codec.leaves(self.single_observation_space)):
+            raise ValueError(  # AsyncVectorEnv's words: Gymnasium cannot put a custom space in shared memory either
+                "Using `AsyncVector(..., shared_memory=True)` caused an error, you can disable this feature with `shared_memory=False` however this is slower."
+            )
 
         buffer = BatchBuffer(self.single_observation_space, self.single_action_space, self.num_envs, shared=self.shared_memory)
         self._segments.append(buffer)
