@@ -30,13 +30,14 @@ def start_local_workers(endpoint: str, blocks: list[range], context: str | None,
     every peer whose identity it did not hand out itself.
     """
     ctx = multiprocessing.get_context(context)
+    is_parent = ctx.get_start_method() != "forkserver"  # the fork server is a forkserver worker's parent
     workers = []
     with clear_mpi_env_vars():
         for index, block in enumerate(blocks):
             identity = secrets.token_bytes(16)
             process = ctx.Process(
                 target=run_local_worker,
-                args=(endpoint, identity, os.getpid()),
+                args=(endpoint, identity, os.getpid(), is_parent),
                 name=f"envfarm-worker-{index}",
                 daemon=daemon,
             )

@@ -48,6 +48,8 @@ class WorkerHandle:
     last_heard: float = 0.0  # a farm worker: when its last message or heartbeat arrived
     connected: bool = False  # it said HELLO on this trainer's socket
     requests_sent: int = 0  # on the socket, to a farm worker: its probes carry the count, its heartbeats say how many it read
+    link: int | None = None  # a farm worker: the token of its data connection, from its HELLO
+    lost_request: bool = False  # its heartbeat proved a request lost; the verdict is being given
 
     @property
     def remote(self) -> bool:
@@ -174,6 +176,9 @@ class Router:
             if broker is not None:  # a port on the network: bound what a stranger can make it buffer
                 self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FARM_FRAME_BYTES)
                 self.socket.setsockopt(zmq.RCVHWM, _FARM_RECEIVE_QUEUE)
+                self.socket.setsockopt(zmq.TCP_KEEPALIVE, 1)  # an idle link keeps its place in NATs; a dead host is found
+                self.socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+                self.socket.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
             if self.server_key is not None:
                 self._authenticator = secure_server(self.context, self.socket, curve[0], self._admits, wait=_ADMISSION_WAIT)
             self.socket.bind(endpoint)
@@ -366,16 +371,24 @@ class Router:
             if now - worker.last_heard > allowed:
                 verdict = f"was silent for more than {allowed:g} s (killed, frozen, cut off, or stuck holding the GIL)"
             elif worker.connected and now - worker.last_heard > _SILENCE_CHECK:
-                try:  # behind every request sent before it: the worker's heartbeat says whether one was lost
-                    self.socket.send_multipart([worker.identity, m.trainer_probe(worker.requests_sent)], zmq.NOBLOCK)
-                except zmq.ZMQError as e:
-                    if e.errno == zmq.EHOSTUNREACH:
-                        verdict = _DISCONNECTED
+                # Behind every request sent before it: the worker's heartbeat says whether one was
+                # lost. Gone only if its heartbeat connection is gone too: a killed process loses
+                # both at once, while a data connection being remade after a reset is not a death.
+                if not self._reaches(worker.identity, m.trainer_probe(worker.requests_sent)) and not self._reaches(worker.identity + m.HEARTBEAT_SUFFIX, b""):
+                    verdict = _DISCONNECTED
             if verdict:
                 self._last_look(pending, replies)
                 if worker in pending and now - worker.last_heard > _SILENCE_CHECK:
                     worker.dead = verdict
                     raise self._died(worker)
+
+    def _reaches(self, identity: bytes, frame: bytes) -> bool:
+        """Sends one frame to a peer; False if the socket has no connection to it any more."""
+        try:
+            self.socket.send_multipart([identity, frame], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            return e.errno != zmq.EHOSTUNREACH
+        return True
 
     def _last_look(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
         """Takes every reply that has arrived by now, before a worker is declared lost."""
@@ -409,10 +422,10 @@ class Router:
             except zmq.Again:
                 return
             sender = identity.bytes
-            if sender.endswith(m.HEARTBEAT_SUFFIX) and len(frames) == 1:
+            worker = self.workers.get(sender)
+            if worker is None and sender.endswith(m.HEARTBEAT_SUFFIX) and len(frames) == 1:
                 self._worker_heartbeat(sender[: -len(m.HEARTBEAT_SUFFIX)], frames[0].bytes, pending, replies)
                 continue
-            worker = self.workers.get(sender)
             if worker is not None and worker.dead and worker.remote:
                 worker = None  # given up for lost: nothing it says counts (a HELLO: it was leased to this trainer anew)
             if worker is None:
@@ -429,23 +442,31 @@ class Router:
                 return
 
     def _worker_heartbeat(self, identity: bytes, frame: bytes, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
-        """A farm worker's heartbeat: life, and whether a request sent to it was lost on the way."""
+        """A farm worker's heartbeat: life, and whether a request sent to it was lost on the way.
+
+        Its counts are read only on the connection whose HELLO this trainer took (the same `link`):
+        a worker leased to this trainer again may heartbeat before the trainer has read that lease.
+        """
         worker = self.workers.get(identity)
-        counts = m.read_worker_heartbeat(frame)
-        if worker is None or not worker.remote or counts is None:
+        fields = m.read_worker_heartbeat(frame)
+        if worker is None or not worker.remote or fields is None:
             return
+        link, requests_read, probe_seen = fields
         if worker.dead:  # given up for lost, yet alive: it must leave this trainer's lease
-            self._send_quietly(identity, m.make(m.CLOSE, 0))
+            if worker.link is None or link == worker.link:
+                self._send_quietly(identity, m.make(m.CLOSE, 0))
             return
         worker.last_heard = time.monotonic()
-        requests_read, probe_seen = counts
-        if probe_seen > requests_read:
-            # It read a probe that followed `probe_seen` requests on the same connection, yet read
-            # fewer: one was lost with a connection the network reset. Any reply that came first counts.
-            self._last_look(pending, replies)
-            worker.dead = "lost a request (its connection was reset on the way)"
-            if worker in pending:
-                raise self._died(worker)
+        if link != worker.link or probe_seen <= requests_read or worker.lost_request:
+            return
+        # It read a probe that followed `probe_seen` requests on the same connection, yet read
+        # fewer: one was lost with a connection the network reset. Any reply that came first
+        # counts; the mark keeps this worker's later heartbeats from judging it again meanwhile.
+        worker.lost_request = True
+        self._last_look(pending, replies)
+        worker.dead = "lost a request (its connection was reset on the way)"
+        if worker in pending:
+            raise self._died(worker)
 
     def _keep_early_hello(self, identity: bytes, frames: list[zmq.Frame]) -> None:
         """A farm worker may say HELLO before this trainer has read the lease that names it. What
@@ -497,6 +518,7 @@ class Router:
             return
         if message["kind"] == m.HELLO:
             worker.pid, worker.host, worker.connected = message["pid"], message["host"], True
+            worker.link = message.get("link") if type(message.get("link")) is int else None
         replies[worker] = message
         del pending[worker]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import gymnasium as gym
@@ -22,13 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a random policy in a local farm and report throughput")
     run.add_argument("env_id", help="a registered Gymnasium env id, e.g. CartPole-v1")
-    run.add_argument("--num-envs", type=int, default=16)
+    run.add_argument("--num-envs", type=int, default=16, help="envs stepped together (default 16)")
     run.add_argument("--steps", type=int, default=100_000, help="env steps in total (default 100000)")
     run.add_argument("--num-workers", type=int, default=None, help="worker processes (default: one per CPU)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seed of the first env's reset; env i gets seed + i (default 0)")
     run.add_argument("--env-kwargs", type=_json_object, default=None, help="JSON object of env constructor arguments")
     run.add_argument("--no-shared-memory", action="store_true", help="send observations on the socket")
-    run.add_argument("--context", choices=["fork", "spawn", "forkserver"], default=None)
+    run.add_argument("--context", choices=["fork", "spawn", "forkserver"], default=None, help="how worker processes start (default: multiprocessing's default here)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--broker", help="lease the envs' workers from a farm broker (e.g. tcp://head:5555) instead of starting local ones")
     run.add_argument("--on-failure", choices=["raise", "restart"], default="raise", help="with --broker: what a lost worker does (default raise)")
@@ -147,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         from envfarm.status import show_status
 
         curve = (args.curve_secret, args.broker_key) if args.curve_secret and args.broker_key else None
-        return show_status(args.broker, curve, args.json)
+        try:
+            return show_status(args.broker, curve, args.json)
+        except BrokenPipeError:  # `envfarm status | head`: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 0
     if args.command == "keygen":
         from envfarm.curve import keygen
 

@@ -56,7 +56,7 @@ PROTOCOL_VERSION = 2
 WORKER_PREFIX, TRAINER_PREFIX = b"W", b"T"
 HEARTBEAT_FRAME = b""  # a trainer's heartbeat to the broker
 HEARTBEAT_INTERVAL = 1.0
-HEARTBEAT_SUFFIX = b"/hb"  # a trainer's heartbeat socket to the broker: its identity plus this
+HEARTBEAT_SUFFIX = b"/hb"  # a heartbeat socket's identity: its owner's (a trainer's to the broker, a farm worker's to its trainer) plus this
 
 HELLO = "hello"
 CREATE = "create"
@@ -117,17 +117,18 @@ def read_trainer_probe(frame: bytes) -> int | None:
     return int.from_bytes(frame[1:], "little")
 
 
-def worker_heartbeat(requests_read: int, probe_seen: int) -> bytes:
-    """A farm worker's heartbeat to its trainer: the requests it has read from its data socket, and
-    the count carried by the last probe it read there (0: none yet)."""
-    return _HEARTBEAT + requests_read.to_bytes(8, "little") + probe_seen.to_bytes(8, "little")
+def worker_heartbeat(link: int, requests_read: int, probe_seen: int) -> bytes:
+    """A farm worker's heartbeat to its trainer: the token of its data connection (`link`, also in
+    its HELLO there), the requests it has read from that connection, and the count carried by
+    the last probe it read there (0: none yet)."""
+    return _HEARTBEAT + b"".join(n.to_bytes(8, "little") for n in (link, requests_read, probe_seen))
 
 
-def read_worker_heartbeat(frame: bytes) -> tuple[int, int] | None:
-    """(requests read, last probe's count) from a worker's heartbeat; None if the frame is not one."""
-    if len(frame) != 17 or frame[:1] != _HEARTBEAT:
+def read_worker_heartbeat(frame: bytes) -> tuple[int, int, int] | None:
+    """(link, requests read, last probe's count) from a worker's heartbeat; None if the frame is not one."""
+    if len(frame) != 25 or frame[:1] != _HEARTBEAT:
         return None
-    return int.from_bytes(frame[1:9], "little"), int.from_bytes(frame[9:], "little")
+    return int.from_bytes(frame[1:9], "little"), int.from_bytes(frame[9:17], "little"), int.from_bytes(frame[17:], "little")
 
 
 def make(kind: str, rid: int, **fields: Any) -> dict[str, Any]:

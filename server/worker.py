@@ -16,6 +16,7 @@ import ipaddress
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import signal
 import socket
 import sys
@@ -36,8 +37,21 @@ from envfarm.server.requests import RequestHandler
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Makes the kernel kill this process when its parent dies, even mid-step in a hung env."""
+def die_with_parent(parent_pid: int, is_parent: bool = True) -> None:
+    """Makes this process die when the process `parent_pid` dies, even mid-step in a hung env.
+
+    Its parent: the kernel kills it (PR_SET_PDEATHSIG). Otherwise (multiprocessing's fork server
+    is the parent of a forkserver worker) a thread waits on a pidfd of that process.
+    """
+    if not is_parent:
+        try:
+            pidfd = os.pidfd_open(parent_pid)
+        except ProcessLookupError:  # the trainer died before this worker started
+            os._exit(1)
+        except (OSError, AttributeError):  # no pidfd here: the trainer's close() and daemon flag remain
+            return
+        threading.Thread(target=_exit_when_readable, args=(pidfd,), name="envfarm-trainer-watch", daemon=True).start()
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -45,6 +59,11 @@ def die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _exit_when_readable(pidfd: int) -> None:
+    select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
+    os._exit(1)
 
 
 def run_farm_workers(
@@ -107,11 +126,11 @@ def is_alive(alive_file: str, within: float) -> bool:
         return False
 
 
-def run_local_worker(endpoint: str, identity: bytes, parent_pid: int) -> None:
+def run_local_worker(endpoint: str, identity: bytes, parent_pid: int, is_parent: bool = True) -> None:
     """Entry point of a worker process started by a trainer on this host (a trusted link)."""
     # Ctrl-C reaches the whole process group; the trainer alone should see it, once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent(parent_pid)
+    die_with_parent(parent_pid, is_parent)
     worker = Worker(identity, trusted=True)
     worker.connect(endpoint)
     worker.serve()
@@ -128,6 +147,7 @@ class Worker:
         self.data: zmq.Socket | None = None
         self.requests_read = 0  # from the socket to the trainer: a farm worker's heartbeats say it
         self.probe_seen = 0  # the count in the last probe the trainer sent on that socket
+        self.link = 0
         self.requests = RequestHandler(trusted=trusted, allow=allow)
         self.channel: shm_channel.WorkerEnd | None = None
         self.hello = m.make(m.HELLO, 0, version=m.PROTOCOL_VERSION, pid=os.getpid(), host=socket.gethostname())
@@ -150,8 +170,13 @@ class Worker:
         if curve is not None:
             secure_client(self.data, *curve)
         self.data.connect(endpoint)
-        self.requests_read = self.probe_seen = 0
-        self.send(self.hello)
+        # probe_seen first: a heartbeat thread reads it first, so it never sees a probe newer than the requests
+        self.probe_seen = self.requests_read = 0
+        self.link = int.from_bytes(os.urandom(8), "little")  # this connection's token, in HELLO and heartbeats
+        self.data.setsockopt(zmq.TCP_KEEPALIVE, 1)  # an idle link keeps its place in NATs; a dead host is found
+        self.data.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        self.data.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
+        self.send({**self.hello, "link": self.link})
 
     def disconnect(self) -> None:
         """Ends the service of a trainer: its envs are closed, and the socket to it."""
@@ -362,8 +387,11 @@ class _TrainerHeartbeat(threading.Thread):
                 secure_client(socket_, *self.curve)
             socket_.connect(self.endpoint)
             while True:
+                while socket_.poll(0):  # the trainer's probes of this connection: nothing to answer
+                    socket_.recv(zmq.NOBLOCK)
+                probe_seen = self.worker.probe_seen  # first: requests_read then is at least the count it carries
                 try:  # a trainer that does not read (its queue is full) misses one: it is the one to notice
-                    socket_.send(m.worker_heartbeat(self.worker.requests_read, self.worker.probe_seen), zmq.NOBLOCK)
+                    socket_.send(m.worker_heartbeat(self.worker.link, self.worker.requests_read, probe_seen), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
                 if self._stopped.wait(m.HEARTBEAT_INTERVAL):

@@ -58,7 +58,7 @@ def test_garbage_collection_frees_everything():
     assert shm_segments() == before
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
 def test_killed_worker_is_reported_by_name_within_a_bounded_time(context):
     before = shm_segments()
     envs = envfarm.FarmVectorEnv([functools.partial(CounterEnv, step_sleep=0.01)] * 4, num_workers=2, context=context)
@@ -118,7 +118,7 @@ TRAINER = """
 """
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
 def test_workers_exit_and_shared_memory_is_freed_when_the_trainer_is_killed(context):
     trainer = run_trainer(TRAINER.format(context=context))
     try:
