@@ -374,7 +374,7 @@ class Router:
                 # Behind every request sent before it: the worker's heartbeat says whether one was
                 # lost. Gone only if its heartbeat connection is gone too: a killed process loses
                 # both at once, while a data connection being remade after a reset is not a death.
-                if not self._reaches(worker.identity, m.trainer_probe(worker.requests_sent)) and not self._reaches(worker.identity + m.HEARTBEAT_SUFFIX, b""):
+                if not self._reaches(worker.identity, m.trainer_probe(worker.requests_sent, pending[worker])) and not self._reaches(worker.identity + m.HEARTBEAT_SUFFIX, b""):
                     verdict = _DISCONNECTED
             if verdict:
                 self._last_look(pending, replies)

@@ -105,16 +105,18 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
 _PROBE, _HEARTBEAT = b"P", b"H"
 
 
-def trainer_probe(requests_sent: int) -> bytes:
-    """A trainer's probe of a worker's data connection: how many requests it sent there before it."""
-    return _PROBE + requests_sent.to_bytes(8, "little")
+def trainer_probe(requests_sent: int, awaited: int) -> bytes:
+    """A trainer's probe of a worker's data connection: how many requests it sent there before it,
+    and the rid of the reply it awaits (a worker that already sent that reply sends it again:
+    a reset connection may have lost it on the way back)."""
+    return _PROBE + requests_sent.to_bytes(8, "little") + awaited.to_bytes(8, "little", signed=True)
 
 
-def read_trainer_probe(frame: bytes) -> int | None:
-    """The count a trainer's probe carries; None if the frame is not a probe."""
-    if len(frame) != 9 or frame[:1] != _PROBE:
+def read_trainer_probe(frame: bytes) -> tuple[int, int] | None:
+    """(requests sent before it, awaited rid) from a trainer's probe; None if the frame is not one."""
+    if len(frame) != 17 or frame[:1] != _PROBE:
         return None
-    return int.from_bytes(frame[1:], "little")
+    return int.from_bytes(frame[1:9], "little"), int.from_bytes(frame[9:], "little", signed=True)
 
 
 def worker_heartbeat(link: int, requests_read: int, probe_seen: int) -> bytes:

@@ -35,6 +35,7 @@ from envfarm.server.broker import set_tcp_heartbeats
 from envfarm.server.requests import RequestHandler
 
 _PR_SET_PDEATHSIG = 1
+RESEND_AFTER = 2 * m.HEARTBEAT_INTERVAL  # seconds a reply may be on its way before a probe asking for it has it sent again
 
 
 def die_with_parent(parent_pid: int, is_parent: bool = True) -> None:
@@ -147,6 +148,7 @@ class Worker:
         self.data: zmq.Socket | None = None
         self.requests_read = 0  # from the socket to the trainer: a farm worker's heartbeats say it
         self.probe_seen = 0  # the count in the last probe the trainer sent on that socket
+        self.last_reply: tuple[int, list, float] | None = None  # (rid, frames, when sent) of the last reply sent on that socket
         self.link = 0
         self.requests = RequestHandler(trusted=trusted, allow=allow)
         self.channel: shm_channel.WorkerEnd | None = None
@@ -172,6 +174,7 @@ class Worker:
         self.data.connect(endpoint)
         # probe_seen first: a heartbeat thread reads it first, so it never sees a probe newer than the requests
         self.probe_seen = self.requests_read = 0
+        self.last_reply = None
         self.link = int.from_bytes(os.urandom(8), "little")  # this connection's token, in HELLO and heartbeats
         self.data.setsockopt(zmq.TCP_KEEPALIVE, 1)  # an idle link keeps its place in NATs; a dead host is found
         self.data.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
@@ -194,6 +197,8 @@ class Worker:
             frames = pack(m.make(m.ERROR, message["rid"], error=ErrorInfo.from_exception(e).to_data()))
         if self.channel is None or not self.channel.send(frames):
             self.data.send_multipart(frames, copy=False)
+            # Kept until the next request: the arrays it views change only when that is served.
+            self.last_reply = (message["rid"], frames, time.monotonic())
 
     def serve_one(self, message: dict[str, Any] | ProtocolError | None) -> None:
         """Answers one request (a malformed one with an ERROR); CLOSE ends the service."""
@@ -230,8 +235,16 @@ class Worker:
         frames = self.data.recv_multipart(copy=False)
         probe = m.read_trainer_probe(frames[0].bytes) if len(frames) == 1 else None
         if probe is not None:  # a farm trainer's probe: it came after every request counted in it
-            self.probe_seen = max(self.probe_seen, probe)
+            requests_sent, awaited = probe
+            self.probe_seen = max(self.probe_seen, requests_sent)
+            rid, reply, sent_at = self.last_reply or (None, [], 0.0)
+            # Answered, yet awaited long after: a reset lost it on the way back. Sent again, at
+            # most once per RESEND_AFTER, so that a large reply merely slow to arrive is not multiplied.
+            if rid == awaited and requests_sent == self.requests_read and time.monotonic() - sent_at > RESEND_AFTER:
+                self.data.send_multipart(reply, copy=False)
+                self.last_reply = (rid, reply, time.monotonic())
             return None
+        self.last_reply = None
         self.requests_read += 1
         try:
             return unpack([frame.buffer for frame in frames], allow_pickle=self.trusted)

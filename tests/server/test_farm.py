@@ -505,6 +505,35 @@ def test_a_request_lost_on_the_way_is_not_waited_for(quick_farm):
         envs.close()
 
 
+def test_a_reply_lost_on_the_way_back_is_sent_again(quick_farm):
+    # A reset can lose a reply too. The worker read the request and answered, so nothing proves a
+    # loss and it heartbeats on: the trainer's probe names the reply it awaits, and the worker sends
+    # it again. Played here by a trainer that drops the first step reply it receives.
+    broker, _ = quick_farm
+    envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, shared_memory=False)
+    sync = gym.make_vec("CartPole-v1", 2, vectorization_mode="sync")
+    try:
+        assert_same(sync.reset(seed=3), envs.reset(seed=3))
+        router, accept, dropped = envs._router, envs._router._accept, []
+
+        def lossy(worker, message, pending, replies):
+            if message.get("kind") == m.RESULT and not dropped:
+                dropped.append(message["rid"])
+                return
+            accept(worker, message, pending, replies)
+
+        router._accept = lossy
+        actions = np.array([0, 1])
+        start = time.monotonic()
+        envs.step_async(actions)
+        result = envs.step_wait(timeout=30)  # without the second sending, only this timeout would end it
+        assert dropped and time.monotonic() - start < 2 * m.HEARTBEAT_INTERVAL + 2.0
+        assert_same(sync.step(actions), result)
+    finally:
+        envs.close()
+        sync.close()
+
+
 def test_a_step_longer_than_dead_after_is_not_taken_for_silence(quick_farm):
     from envfarm.bench_envs import SYNTHETIC_ID
 
