@@ -630,7 +630,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         try:
             replies = self._router.collect({worker: rid for worker in targets}, timeout, wait_all=True, lost=lost if restart else None)
             if any(worker.shared_memory for worker in lost):
-                self._fence(lost)
+                lost += self._fence(lost)
             for worker in lost:
                 replacement, reply = self._restart(worker)
                 targets = [replacement if target is worker else target for target in targets]
@@ -644,10 +644,11 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             self._state, self._pending = AsyncState.DEFAULT, None
         return [(worker, replies[worker]) for worker in targets]
 
-    def _fence(self, lost: list[WorkerHandle]) -> None:
+    def _fence(self, lost: list[WorkerHandle]) -> list[WorkerHandle]:
         """Moves the batch buffer to a fresh segment. A worker given up for lost may only be slow:
         it keeps the old segment mapped, and when its step ends it writes there, never into rows
-        that now belong to its replacement. The other workers sharing memory attach to the new one."""
+        that now belong to its replacement. The other workers sharing memory attach to the new one;
+        returns those lost meanwhile (to be restarted too)."""
         old = self._buffer
         new = BatchBuffer(self.single_observation_space, self.single_action_space, self.num_envs, shared=True)
         new.copy_from(old)
@@ -656,9 +657,17 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         survivors = [worker for worker in self._workers if worker.shared_memory and worker not in lost]
         for worker in survivors:
             worker.shared_memory = False  # until it says it attached: its results travel in its replies
-        replies = self._router.ask(m.ATTACH, {worker: {"obs": new.descriptor, "channel": None} for worker in survivors}, DEFAULT_STARTUP_TIMEOUT)
+        rid, sent, lost_now = self._router.new_rid(), {}, []
+        for worker in survivors:
+            try:
+                self._router.send(worker, m.make(m.ATTACH, rid, obs=new.descriptor, channel=None))
+                sent[worker] = rid
+            except WorkerDiedError:
+                lost_now.append(worker)
+        replies = self._router.collect(sent, DEFAULT_STARTUP_TIMEOUT, wait_all=True, lost=lost_now)
         for worker, reply in replies.items():
             worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
+        return lost_now
 
     def _restart(self, lost: WorkerHandle) -> tuple[WorkerHandle, dict[str, Any]]:
         """Builds a lost worker's envs again on a newly leased worker and resets them; returns it and the reset's reply."""
