@@ -64,6 +64,11 @@ class HostedEnvs:
         leaf_values = space_codec.split(self.observation_space, obs) if self._nested_obs else (obs,)
         for rows, values, value in zip(self.obs_rows, self._value_leaves, leaf_values):
             if rows is not None:
+                if getattr(value, "shape", None) != rows.shape[1:] and np.shape(value) != rows.shape[1:]:
+                    # Numpy would store None as NaN, or broadcast a scalar over the row; SyncVectorEnv's
+                    # batching refuses both with this error.
+                    raise ValueError(f"all input arrays must have the same shape: env {self.env_ids[i]} returned an observation "
+                                     f"of shape {np.shape(value)} ({type(value).__name__}), its space's shape is {rows.shape[1:]}")
                 rows[i] = value
             else:
                 values[i] = value

@@ -118,3 +118,19 @@ class BrokenEnv(gym.Env):
 
 
 gym.register("envfarm-tests/Scripted-v0", entry_point=ScriptedEnv, max_episode_steps=50)
+
+
+class FixedObsEnv(gym.Env):
+    """Returns `obs` from reset and step whatever its Box(4) space says: None, a scalar, a wrong shape."""
+
+    def __init__(self, obs: Any = None):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.obs = obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        return self.obs, {}
+
+    def step(self, action):
+        return self.obs, 0.0, False, False, {}

@@ -237,3 +237,21 @@ def test_actions_reach_the_env_as_given_with_shared_memory(action):
     finally:
         envs.close()
         sync.close()
+
+
+@pytest.mark.parametrize("obs", [None, 0.5, np.zeros(3, np.float32)], ids=["None", "scalar", "wrong-shape"])
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "wire"])
+def test_an_observation_that_does_not_fit_its_space_is_an_error_as_under_sync(obs, shared_memory):
+    from testenvs import FixedObsEnv
+
+    env_fns = [functools.partial(FixedObsEnv, np.zeros(4, np.float32)), functools.partial(FixedObsEnv, obs)]
+    sync = gym.vector.SyncVectorEnv(env_fns)
+    envs = envfarm.FarmVectorEnv(env_fns, num_workers=2, shared_memory=shared_memory)
+    try:
+        with pytest.raises(ValueError, match="all input arrays must have the same shape"):
+            sync.reset(seed=0)
+        with pytest.raises(ValueError, match=r"all input arrays must have the same shape: env 1 returned an observation of shape"):
+            envs.reset(seed=0)
+    finally:
+        envs.close()
+        sync.close()
