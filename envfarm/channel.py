@@ -34,14 +34,35 @@ from typing import Any, Sequence
 
 _SYS_FUTEX = 202  # x86-64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
-# A mailbox: seq (int32) at 0, its reader's "asleep" flag (int32) at 4, frame count (uint32) at 8,
-# frame sizes (uint64) from 16, then the frames. The segment starts with the doorbell (int32) at 0
-# and the trainer's "asleep" flag at 4.
-_ASLEEP, _COUNT, _SIZES = 4, 8, 16
-# A writer wakes its reader only if the reader said it sleeps. Python has no memory fence, so on
-# rare interleavings the flag is read stale and the wake is missed; sleeps are therefore short.
-_SLEEP_SLICE = 0.005
+# A mailbox: seq (int32) at 0, 4 bytes unused, frame count (uint32) at 8, frame sizes (uint64)
+# from 16, then the frames. The segment starts with the doorbell (int32) at 0.
+_COUNT, _SIZES = 8, 16
+# A writer changes the word its reader sleeps on, then always wakes it (a syscall of about a
+# microsecond when nobody sleeps). The kernel compares the word before it puts a reader to sleep,
+# so no wake-up is ever missed, and a reader may sleep until it has something else to look at.
 _ALIGN = 16
+_RECENT = 8  # waits remembered to decide whether spinning pays
+
+
+class SpinPolicy:
+    """Spins only where it pays: while the median of the recent waits is within the budget (the
+    peer answers within microseconds: a futex wake-up would cost more than the wait), never when
+    the peer takes milliseconds (a trainer running its policy, a worker stepping an expensive env):
+    that CPU belongs to the peer and to the envs, not to a busy loop."""
+
+    def __init__(self, budget: float):
+        self.budget = budget
+        self.recent: list[float] = []
+
+    def spin_for(self) -> float:
+        if len(self.recent) < _RECENT // 2:
+            return self.budget  # still learning
+        return self.budget if sorted(self.recent)[len(self.recent) // 2] <= self.budget else 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.recent.append(seconds)
+        if len(self.recent) > _RECENT:
+            del self.recent[0]
 
 
 def available() -> bool:
@@ -70,7 +91,6 @@ class Mailbox:
 
     def __init__(self, buffer: memoryview, offset: int, capacity: int):
         self.seq = ctypes.c_int32.from_buffer(buffer, offset)
-        self.asleep = ctypes.c_int32.from_buffer(buffer, offset + _ASLEEP)
         self.buffer = buffer
         self.offset = offset
         self.capacity = capacity
@@ -145,8 +165,7 @@ class TrainerChannels:
         self.replies = [Mailbox(buffer, offset, reply_capacity) for _, offset in slots]
         self.read_seq = [0] * num_workers
         self.doorbell = ctypes.c_int32.from_buffer(buffer, 0)
-        self.asleep = ctypes.c_int32.from_buffer(buffer, _ASLEEP)
-        self.spin_seconds = spin_seconds
+        self.spin = SpinPolicy(spin_seconds)
 
     def descriptor(self, worker: int) -> dict:
         request, reply = self.slots[worker]
@@ -158,8 +177,7 @@ class TrainerChannels:
     def send(self, worker: int, frames: Sequence[bytes | memoryview]) -> bool:
         mailbox = self.requests[worker]
         fits = mailbox.write(frames)
-        if mailbox.asleep.value:
-            futex_wake(mailbox.seq)
+        futex_wake(mailbox.seq)
         return fits
 
     def new_reply(self, worker: int) -> int | None:
@@ -172,21 +190,26 @@ class TrainerChannels:
 
     def wait(self, pending: Sequence[int], timeout: float) -> None:
         """Returns when a reply may have come from one of `pending`, or after `timeout` seconds."""
+        start = time.perf_counter()
         ring = self.doorbell.value
-        deadline = time.perf_counter() + min(self.spin_seconds, timeout)
-        while time.perf_counter() < deadline:
-            if any(self.replies[w].seq.value != self.read_seq[w] for w in pending):
-                return
-            os.sched_yield()
-        self.asleep.value = 1
-        if not any(self.replies[w].seq.value != self.read_seq[w] for w in pending):
-            futex_wait(self.doorbell, ring, min(timeout, _SLEEP_SLICE))
-        self.asleep.value = 0
+        if not self._arrived(pending):
+            deadline = start + min(self.spin.spin_for(), timeout)
+            while time.perf_counter() < deadline:
+                if self._arrived(pending):
+                    break
+                os.sched_yield()
+            else:
+                futex_wait(self.doorbell, ring, max(0.0, timeout - (time.perf_counter() - start)))
+        if self._arrived(pending):  # a wait that ended in a timeout teaches nothing about the workers
+            self.spin.waited(time.perf_counter() - start)
+
+    def _arrived(self, pending: Sequence[int]) -> bool:
+        return any(self.replies[w].seq.value != self.read_seq[w] for w in pending)
 
     def close(self) -> None:
         # The mailboxes' views export the mapping; they must go before it can close.
         self.requests = self.replies = []
-        self.doorbell = self.asleep = None
+        self.doorbell = None
         self.segment.close()
 
 
@@ -202,43 +225,51 @@ def _layout(num_workers: int, request_capacity: int, reply_capacity: int) -> tup
 class WorkerEnd:
     """A worker's side: takes requests, puts replies and rings the trainer's doorbell."""
 
+    SLEEP = 0.05  # seconds between looks at the worker's sockets while no request comes
+
     def __init__(self, buffer: memoryview, descriptor: dict, spin_seconds: float):
         self.buffer = buffer
         self.doorbell = ctypes.c_int32.from_buffer(buffer, 0)
-        self.trainer_asleep = ctypes.c_int32.from_buffer(buffer, _ASLEEP)
         self.requests = Mailbox(buffer, *descriptor["request"])
         self.replies = Mailbox(buffer, *descriptor["reply"])
         self.ring_id = (descriptor["worker"] + 1) << 20
         self.rings = 0
-        self.spin_seconds = spin_seconds
+        self.spin = SpinPolicy(spin_seconds)
+        self.replied_at: float | None = None  # when the last reply went, until the next request came
         self.last_seq = self.requests.seq.value
 
     def send(self, frames: Sequence[bytes | memoryview]) -> bool:
         fits = self.replies.write(frames)
         self.rings = (self.rings + 1) & 0xFFFFF
         self.doorbell.value = self.ring_id | self.rings
-        if self.trainer_asleep.value:
-            futex_wake(self.doorbell)
+        futex_wake(self.doorbell)
+        self.replied_at = time.perf_counter()
         return fits
 
     def wait(self) -> int | None:
-        """Waits for a new request, spinning a little first, then sleeping at most one short slice.
+        """Waits for a new request: spins first only right after a reply, and only while spinning
+        pays (see SpinPolicy), then sleeps on the request word for at most SLEEP.
 
-        Returns its seq, or None if none came (so the caller can look at its socket too).
+        Returns its seq, or None if none came (so the caller can look at its sockets too).
         """
         word = self.requests.seq
-        deadline = time.perf_counter() + self.spin_seconds
-        while True:
-            seq = word.value
-            if seq != self.last_seq and not seq & 1:
-                self.last_seq = seq
-                return seq
-            if time.perf_counter() > deadline:
-                self.requests.asleep.value = 1
-                if word.value == seq:
-                    futex_wait(word, seq, _SLEEP_SLICE)
-                self.requests.asleep.value = 0
-                if word.value == seq:
-                    return None
-            else:
+        seq = self._new(word.value)
+        if seq is None and self.replied_at is not None:
+            deadline = self.replied_at + self.spin.spin_for()
+            while seq is None and time.perf_counter() < deadline:
                 os.sched_yield()
+                seq = self._new(word.value)
+        if seq is None:
+            current = word.value
+            futex_wait(word, current, self.SLEEP)
+            seq = self._new(word.value)
+        if seq is not None and self.replied_at is not None:
+            self.spin.waited(time.perf_counter() - self.replied_at)  # the trainer's time between reply and request
+            self.replied_at = None
+        return seq
+
+    def _new(self, seq: int) -> int | None:
+        if seq == self.last_seq or seq & 1:
+            return None
+        self.last_seq = seq
+        return seq
