@@ -244,12 +244,13 @@ def test_a_trainer_identity_stays_bound_to_its_key_across_a_broker_restart(keys)
             impostor.close(linger=0)
             # The trainer itself releases it (it reconnects once the impostor's connection is gone:
             # within the broker's ZMTP heartbeat timeout, 3 s, and longer on a loaded host).
-            trainer = connect(endpoint, victim, keys("trainer"), keys.broker_key)
             reply = None
-            for _ in range(30):
+            for _ in range(30):  # a fresh connection each time: one refused while the identity was in use may not retry at once
+                trainer = connect(endpoint, victim, keys("trainer"), keys.broker_key)
                 reply = ask(trainer, m.make(m.RELEASE, 4), timeout=1)
                 if reply is not None:
                     break
+                trainer.close(linger=0)
             assert reply is not None and reply["kind"] == m.RESULT
             assert worker.poll(5000) and unpack(worker.recv_multipart())["kind"] == m.CLOSE
 
