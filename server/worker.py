@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import zmq
 
+from threadpoolctl import threadpool_limits
+
 from envfarm import channel as shm_channel
 from envfarm.curve import KeyPair, load_key_pair, load_public_key, secure_client
 from envfarm.protocol import messages as m
@@ -65,6 +67,22 @@ def die_with_parent(parent_pid: int, is_parent: bool = True) -> None:
 def _exit_when_readable(pidfd: int) -> None:
     select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
     os._exit(1)
+
+
+def limit_threads() -> None:
+    """Numeric libraries in a worker process use one thread each (ENVFARM_WORKER_THREADS=N sets
+    another number, 0 leaves them alone). A worker per CPU is already all the parallelism there
+    is: a BLAS or OpenMP pool per worker, whose threads busy-wait between calls, takes the cores
+    that the other envs and the trainer's policy need."""
+    threads = int(os.environ.get("ENVFARM_WORKER_THREADS") or 1)
+    if threads <= 0:
+        return
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)  # for libraries loaded from now on (an env's own imports)
+    threadpool_limits(threads)  # for those loaded already
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def run_farm_workers(
@@ -110,6 +128,7 @@ def run_farm_workers(
 
 
 def _serve_farm(broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None) -> None:
+    limit_threads()
     FarmWorker(broker, m.WORKER_PREFIX + os.urandom(15), slots, allow, keys, alive_file).serve()
 
 
@@ -132,6 +151,7 @@ def run_local_worker(endpoint: str, identity: bytes, parent_pid: int, is_parent:
     # Ctrl-C reaches the whole process group; the trainer alone should see it, once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent_pid, is_parent)
+    limit_threads()
     worker = Worker(identity, trusted=True)
     worker.connect(endpoint)
     worker.serve()
@@ -208,6 +228,8 @@ class Worker:
             self.send(m.make(m.ERROR, 0, error=ErrorInfo.from_exception(message).to_data()))
             return
         self.send(self.requests.respond(message))
+        if message.get("kind") == m.CREATE:
+            limit_threads()  # building the envs may have loaded a library with a pool of its own
         if message.get("kind") == m.CLOSE:
             self.disconnect()
         elif self.channel is None and self.requests.channel is not None:

@@ -134,3 +134,9 @@ class FixedObsEnv(gym.Env):
 
     def step(self, action):
         return self.obs, 0.0, False, False, {}
+
+    def blas_threads(self) -> int:
+        """The most threads a numeric library loaded in this process would use."""
+        from threadpoolctl import threadpool_info
+
+        return max((pool["num_threads"] for pool in threadpool_info()), default=1)

@@ -150,3 +150,19 @@ def test_ctrl_c_gives_one_clean_keyboard_interrupt():
     finally:
         trainer.kill()
         trainer.wait()
+
+
+@pytest.mark.parametrize("setting, expected", [(None, 1), ("0", None)], ids=["default", "left-alone"])
+def test_workers_limit_their_numeric_libraries_to_one_thread(setting, expected, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from testenvs import FixedObsEnv
+
+    if setting is not None:
+        monkeypatch.setenv("ENVFARM_WORKER_THREADS", setting)
+    here = max(pool["num_threads"] for pool in threadpool_info())
+    envs = envfarm.FarmVectorEnv([FixedObsEnv] * 2, num_workers=2, context="spawn")
+    try:
+        assert envs.call("blas_threads") == ((expected or here),) * 2
+    finally:
+        envs.close()
