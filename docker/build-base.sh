@@ -17,9 +17,9 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     fi
     docker import "$CACHE/bookworm-base.tar" "$BASE" >&2
 fi
-if ! ls docker/wheels/*.whl >/dev/null 2>&1; then
-    python3 -m pip download -q -d docker/wheels --only-binary=:all: --python-version 3.11 \
-        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-        setuptools wheel "pyzmq>=25" "msgpack>=1.0" "numpy>=1.24" "gymnasium>=1.0,<2" "cloudpickle>=2.0" >&2
-fi
+# The wheels of envfarm's dependencies as pyproject.toml lists them now (pip keeps those already here).
+mapfile -t dependencies < <(python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+python3 -m pip download -q -d docker/wheels --only-binary=:all: --python-version 3.11 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+    setuptools wheel "${dependencies[@]}" >&2
 echo "$BASE"
