@@ -21,6 +21,7 @@ import collections
 import multiprocessing
 import os
 import secrets
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -189,6 +190,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self._autoreset_envs = np.zeros(self.num_envs, np.bool_)
         self._worker_of_env = np.concatenate([np.full(len(w.env_ids), w.index) for w in self._workers])
         self._init_send_recv(batch_size)
+        _warn_of_oversubscription(sum(worker.process is not None for worker in self._workers))
 
     # ----------------------------------------------------------------- start-up
 
@@ -721,6 +723,27 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             exc.add_note("also failed: " + "; ".join(f"{w}: {i.type}: {i.message}" for _, _, i, w in failures[1:]))
         exc.failed_envs = sorted({env for _, envs, _, _ in failures for env in envs})
         raise exc
+
+
+_warned_of_oversubscription = False
+
+
+def _warn_of_oversubscription(local_workers: int) -> None:
+    """Warns once when torch's threads in this process and the local workers together outnumber
+    the CPUs: torch's idle threads busy-wait after each forward pass, on the cores the workers
+    step their envs on."""
+    global _warned_of_oversubscription
+    torch = sys.modules.get("torch")
+    if _warned_of_oversubscription or torch is None or local_workers == 0:
+        return
+    threads, cpus = torch.get_num_threads(), available_cpus()
+    if threads > 1 and threads + local_workers > cpus:
+        _warned_of_oversubscription = True
+        logger.warn(
+            f"envfarm: torch uses {threads} threads in this process beside {local_workers} worker processes on {cpus} CPUs; "
+            "they take each other's cores. torch.set_num_threads(1) in the trainer (or fewer workers: num_workers=...) "
+            "usually trains faster."
+        )
 
 
 def _truncated_by_restart(reset_reply: dict[str, Any]) -> dict[str, Any]:

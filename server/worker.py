@@ -80,9 +80,9 @@ def limit_threads() -> None:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(threads)  # for libraries loaded from now on (an env's own imports)
     threadpool_limits(threads)  # for those loaded already
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(threads)
+    set_torch_threads = getattr(sys.modules.get("torch"), "set_num_threads", None)
+    if set_torch_threads is not None:
+        set_torch_threads(threads)
 
 
 def run_farm_workers(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import re
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -255,3 +256,21 @@ def test_an_observation_that_does_not_fit_its_space_is_an_error_as_under_sync(ob
     finally:
         envs.close()
         sync.close()
+
+
+def test_torch_threads_beside_the_workers_are_warned_of_once(monkeypatch):
+    import sys
+    import types
+
+    import envfarm.client.vector_env as vector_env
+
+    torch = types.ModuleType("torch")
+    torch.get_num_threads, torch.set_num_threads = (lambda: 2), (lambda n: None)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setattr(vector_env, "_warned_of_oversubscription", False)
+    monkeypatch.setattr(vector_env, "available_cpus", lambda: 2)
+    with pytest.warns(UserWarning, match=r"torch uses 2 threads in this process beside 2 worker processes on 2 CPUs.*torch.set_num_threads\(1\)"):
+        envfarm.make_vec("CartPole-v1", 2, num_workers=2).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        envfarm.make_vec("CartPole-v1", 2, num_workers=2).close()  # once
