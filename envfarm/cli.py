@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import gymnasium as gym
@@ -75,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_sigterm() -> None:
+    """`docker stop` and Kubernetes send SIGTERM, which a process running as PID 1 ignores unless
+    it handles it: stop as on Ctrl-C, closing sockets on the way out."""
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"envfarm broker: {e}", file=sys.stderr)
             return 2
         print(f"envfarm broker on {broker.endpoint}", file=sys.stderr, flush=True)
+        _stop_on_sigterm()
         try:
             broker.serve()
         except KeyboardInterrupt:
@@ -135,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print("envfarm worker: --curve-secret and --broker-key go together", file=sys.stderr)
             return 2
         curve = (args.curve_secret, args.broker_key) if args.curve_secret else None
+        _stop_on_sigterm()
         try:
             run_farm_workers(args.broker, args.slots, processes, allow, curve, args.alive_file)
         except KeyboardInterrupt:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 import subprocess
 import sys
 
@@ -40,3 +42,41 @@ def test_bad_arguments_are_refused():
     assert envfarm("run", "CartPole-v1", "--num-envs", "0").returncode == 2
     result = envfarm("run", "CartPole-v1", "--env-kwargs", "[1]")
     assert result.returncode == 2 and "JSON object" in result.stderr
+
+
+def test_broker_and_worker_stop_on_sigterm_even_as_pid_1():
+    # `docker stop` sends SIGTERM; a process that is PID 1 (its own PID namespace here, as in a
+    # container without an init) ignores it unless it handles it.
+    import shutil
+    import signal
+    import time
+
+    pid_1 = ["unshare", "--pid", "--fork", "--kill-child"] if shutil.which("unshare") and os.geteuid() == 0 else []
+    broker = subprocess.Popen([*pid_1, sys.executable, "-m", "envfarm", "broker", "--bind", "tcp://127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        endpoint = broker.stderr.readline().split()[-1]
+        worker = subprocess.Popen([*pid_1, sys.executable, "-m", "envfarm", "worker", "--broker", endpoint, "--slots", "1"], stderr=subprocess.DEVNULL)
+        time.sleep(2.0)  # it registers
+        for process in (worker, broker):
+            target = _innermost(process.pid) if pid_1 else process.pid
+            start = time.monotonic()
+            os.kill(target, signal.SIGTERM)
+            process.wait(10)
+            assert time.monotonic() - start < 2.0 and process.returncode == 0
+    finally:
+        for process in (worker, broker):
+            if process is not None:
+                process.kill()
+                process.wait(10)
+
+
+def _innermost(pid: int) -> int:
+    """The process unshare forked to run the command: PID 1 of the new namespace."""
+    for _ in range(100):
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            found = children.read().split()
+        if found:
+            return int(found[0])
+        time.sleep(0.05)
+    raise AssertionError("unshare started nothing")
