@@ -7,8 +7,8 @@ import json
 import os
 import signal
 import sys
+import time
 
-import gymnasium as gym
 
 
 def _json_object(text: str) -> dict:
@@ -55,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--broker-key", help="CurveZMQ: the broker's public key file")
     worker.add_argument("--allow", default=None, help="comma-separated env id patterns it builds, e.g. 'CartPole-*,ALE/*' (default: Gymnasium's registered ids)")
 
-    alive = commands.add_parser("alive", help="exit 0 if a farm worker touched FILE (--alive-file) lately: a container health check")
-    alive.add_argument("file")
-    alive.add_argument("--within", type=float, default=10.0, help="seconds (default 10)")
+    _alive_arguments(commands.add_parser("alive", help="exit 0 if a farm worker touched FILE (--alive-file) lately: a container health check"))
 
     status = commands.add_parser("status", help="show a broker's workers, their slots and leases")
     status.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
@@ -76,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _alive_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("file")
+    parser.add_argument("--within", type=float, default=10.0, help="seconds (default 10)")
+    return parser
+
+
+def is_alive(alive_file: str, within: float) -> bool:
+    """Whether a farm worker touched `alive_file` in the last `within` seconds (`envfarm alive`)."""
+    try:
+        return time.time() - os.path.getmtime(alive_file) <= within
+    except OSError:
+        return False
+    # Here, not beside the worker: a health check runs often, and must not load zmq, numpy or gymnasium.
+
+
 def _stop_on_sigterm() -> None:
     """`docker stop` and Kubernetes send SIGTERM, which a process running as PID 1 ignores unless
     it handles it: stop as on Ctrl-C, closing sockets on the way out."""
@@ -87,8 +100,14 @@ def _stop_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["alive"]:  # a health check, run every few seconds: no other command's imports
+        args = _alive_arguments(argparse.ArgumentParser(prog="envfarm alive")).parse_args(argv[1:])
+        return 0 if is_alive(args.file, args.within) else 1
     args = build_parser().parse_args(argv)
     if args.command == "run":
+        import gymnasium
+
         from envfarm.run import format_summary, run_random_policy
 
         if args.num_envs < 1 or args.steps < 1:
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_workers=args.num_workers, shared_memory=not args.no_shared_memory, context=args.context,
                 broker=args.broker, on_failure=args.on_failure,
             )
-        except (gym.error.Error, ValueError) as e:
+        except (gymnasium.error.Error, ValueError) as e:
             print(f"envfarm run: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -153,10 +172,6 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
-    if args.command == "alive":
-        from envfarm.server.worker import is_alive
-
-        return 0 if is_alive(args.file, args.within) else 1
     if args.command == "status":
         from envfarm.status import show_status
 

@@ -138,14 +138,6 @@ def _serve_farm_child(broker: str, slots: int, allow: Sequence[str] | None, keys
     _serve_farm(broker, slots, allow, keys, alive_file)
 
 
-def is_alive(alive_file: str, within: float) -> bool:
-    """Whether a farm worker touched `alive_file` in the last `within` seconds (`envfarm alive`)."""
-    try:
-        return time.time() - os.path.getmtime(alive_file) <= within
-    except OSError:
-        return False
-
-
 def run_local_worker(endpoint: str, identity: bytes, parent_pid: int, is_parent: bool = True) -> None:
     """Entry point of a worker process started by a trainer on this host (a trusted link)."""
     # Ctrl-C reaches the whole process group; the trainer alone should see it, once.
