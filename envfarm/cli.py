@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--on-failure", choices=["raise", "restart"], default="raise", help="with --broker: what a lost worker does (default raise)")
 
     broker = commands.add_parser("broker", help="run a farm broker that leases workers to trainers")
+    _log_level_argument(broker)
     broker.add_argument("--bind", default="tcp://0.0.0.0:5555", help="endpoint for workers and trainers (default tcp://0.0.0.0:5555)")
     broker.add_argument("--dead-after", type=float, default=5.0, help="seconds of silence after which a worker is lost (default 5)")
     broker.add_argument("--curve-secret", help="CurveZMQ: this broker's secret key file (envfarm keygen)")
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     worker = commands.add_parser("worker", help="run a farm worker that serves a broker's trainers")
+    _log_level_argument(worker)
     worker.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
     worker.add_argument("--slots", type=int, default=8, help="envs each worker process hosts at most (default 8)")
     worker.add_argument("--processes", default="1", help="worker processes: a number, or 'auto' for one per CPU this container or host may use (its cgroup quota, not the host's cores); a process that dies is replaced (default 1)")
@@ -87,6 +90,18 @@ def is_alive(alive_file: str, within: float) -> bool:
     except OSError:
         return False
     # Here, not beside the worker: a health check runs often, and must not load zmq, numpy or gymnasium.
+
+
+def _log_level_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="registrations, leases, releases and errors are INFO (default INFO), on stderr")
+
+
+def _log_to_stderr(level: str) -> None:
+    from envfarm.server.worker import LOG_FORMAT
+
+    os.environ["ENVFARM_LOG_LEVEL"] = level  # for worker processes started with spawn
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
 
 
 def _stop_on_sigterm() -> None:
@@ -139,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"envfarm broker: {e}", file=sys.stderr)
             return 2
         print(f"envfarm broker on {broker.endpoint}", file=sys.stderr, flush=True)
+        _log_to_stderr(args.log_level)
         _stop_on_sigterm()
         try:
             broker.serve()
@@ -166,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print("envfarm worker: --curve-secret and --broker-key go together", file=sys.stderr)
             return 2
         curve = (args.curve_secret, args.broker_key) if args.curve_secret else None
+        _log_to_stderr(args.log_level)
         _stop_on_sigterm()
         try:
             run_farm_workers(args.broker, args.slots, processes, allow, curve, args.alive_file)

@@ -28,11 +28,11 @@ register, trainers lease, release and ask STATUS, admins ask STATUS.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import functools
 import ipaddress
 import re
 import secrets
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,6 +66,14 @@ class RegisteredWorker:
     steps: int = 0  # env steps it has served (its own count, reported with each heartbeat)
     steps_per_s: float = 0.0  # over its last heartbeat interval, for `envfarm status`
     last_seen: float = field(default_factory=time.monotonic)
+
+
+log = logging.getLogger("envfarm.broker")
+
+
+def _short(identity: bytes) -> str:
+    """An identity as `envfarm status` shows it: cut short, for a whole one lets a peer speak for it."""
+    return identity.hex()[:12]
 
 
 def _frame_property(frame: zmq.Frame, name: str) -> str:
@@ -117,9 +125,13 @@ class Broker:
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # No ROUTER_HANDOVER: a second connection under an identity in use is refused rather than
-        # handed the first one's messages (a reconnecting peer gets in once ZMTP heartbeats have
-        # closed its old connection, within HEARTBEAT_TIMEOUT).
+        # A peer that connects again under its identity takes it over. Without this, libzmq leaves
+        # a connection refused for an identity in use silent for good (its messages dropped), even
+        # once the old one is gone: a trainer or worker reconnecting after a network blip, before
+        # the broker noticed its old connection die, would never be heard again, nor would a
+        # trainer whose identity another listed key had connected under first. Taking an identity
+        # over gains a peer nothing: every message is checked against the key bound to it.
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         set_tcp_heartbeats(self.socket)
@@ -168,7 +180,7 @@ class Broker:
                 self._handle(identity.bytes, frames)
             except Exception as exc:  # a bug that one peer's message reached: that peer's problem only
                 info = ErrorInfo.from_exception(exc)
-                print(f"envfarm broker: dropped a message from {identity.bytes[:16]!r}: {info.type}: {info.message}"[:500], file=sys.stderr, flush=True)
+                log.warning("dropped a message from %s: %s", _short(identity.bytes), f"{info.type}: {info.message}"[:400])
 
     def _handle(self, sender: bytes, frames: list[zmq.Frame]) -> None:
         if not frames:
@@ -210,8 +222,10 @@ class Broker:
 
     def _strike_off_silent(self, silent_since: float) -> None:
         for trainer in [t for t, last_seen in self.trainers.items() if last_seen < silent_since]:
+            log.info("trainer %s silent for %g s: its lease ends", _short(trainer), self.dead_after)
             self._release(trainer)  # it vanished (killed, or its host did): its workers go back to the pool
         for record in [r for r in self.workers.values() if r.last_seen < silent_since]:
+            log.info("worker %s (%s, pid %d) silent for %g s: struck off", _short(record.identity), record.host, record.pid, self.dead_after)
             del self.workers[record.identity]
 
     def _from_worker(self, worker: bytes, frames: list[bytes], key: str | None) -> None:
@@ -234,6 +248,7 @@ class Broker:
                 allow, _compile_allow(tuple(allow)) if allow is not None else None,
             )
             self.workers[worker] = record
+            log.info("worker %s registered: %s, pid %d, %d slots", _short(worker), record.host, record.pid, record.slots)
             if lease is not None and lessee is not None and lessee.startswith(m.TRAINER_PREFIX):
                 self._adopt(record, lease, lessee, hello.get("trainer_key"))
         now = time.monotonic()
@@ -254,11 +269,14 @@ class Broker:
         claim it first). A lease that cannot be bound so is ended."""
         bound = trainer_key if record.key is not None else None  # without Curve, trainers are bound to None
         if record.key is not None and (trainer_key is None or not self._may(trainer_key, TRAINERS)):
+            log.warning("worker %s reports a lease of trainer %s without a trainer key it may hold: lease ended", _short(record.identity), _short(lessee))
             self._send([record.identity, *pack(m.make(m.CLOSE, 0))])
             return
         if lessee in self.trainers and self.trainer_keys.get(lessee) != bound:
+            log.warning("worker %s reports trainer %s with another key than its other workers: lease ended", _short(record.identity), _short(lessee))
             self._send([record.identity, *pack(m.make(m.CLOSE, 0))])  # its workers disagree on the key: one lies
             return
+        log.info("worker %s serves trainer %s's lease from before this broker started: kept", _short(record.identity), _short(lessee))
         record.lessee, record.lease, record.joined = lessee, lease, True
         self.trainers.setdefault(lessee, time.monotonic())
         self.trainer_keys[lessee] = bound
@@ -271,6 +289,7 @@ class Broker:
             reply = self._control(trainer, m.check_control(message), peer_address, key)
         except Exception as exc:
             reply = m.make(m.ERROR, rid, error=ErrorInfo.from_exception(exc).to_data())
+            log.info("trainer %s: refused: %s", _short(trainer), f"{type(exc).__name__}: {exc}"[:300])
         self._send([trainer, b"", *pack(reply)])
 
     def _control(self, trainer: bytes, message: dict[str, Any], peer_address: str, key: str | None) -> dict[str, Any]:
@@ -323,6 +342,8 @@ class Broker:
             self._send([record.identity, *pack(join)])
         self.trainers[trainer] = time.monotonic()
         self.trainer_keys[trainer] = key  # the lease binds the identity to this key
+        log.info("trainer %s leased %s for %d envs of %s%s", _short(trainer), ", ".join(f"{_short(r.identity)} ({r.host}, {r.slots} slots)" for r in leased),
+                 message["envs"], env_id, " (a replacement)" if message.get("add") else "")
         workers = [[r.identity, r.slots, r.host, r.pid, r.key] for r in leased]
         return m.make(m.LEASED, message["rid"], workers=workers, dead_after=self.dead_after)
 
@@ -338,6 +359,8 @@ class Broker:
 
     def _release(self, trainer: bytes) -> None:
         """Frees the trainer's workers; each is told to close its envs and wait for the next lease."""
+        if trainer in self.trainers:
+            log.info("trainer %s released its workers", _short(trainer))
         self.trainers.pop(trainer, None)
         self.trainer_keys.pop(trainer, None)
         for record in self.workers.values():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -37,6 +38,8 @@ from envfarm.server.broker import set_tcp_heartbeats
 from envfarm.server.requests import RequestHandler
 
 _PR_SET_PDEATHSIG = 1
+log = logging.getLogger("envfarm.worker")
+LOG_FORMAT = "%(asctime)s %(name)s %(process)d %(levelname)s %(message)s"
 RESEND_AFTER = 2 * m.HEARTBEAT_INTERVAL  # seconds a reply may be on its way before a probe asking for it has it sent again
 
 
@@ -115,7 +118,7 @@ def run_farm_workers(
             multiprocessing.connection.wait([child.sentinel for child in children])
             for i, child in enumerate(children):
                 if child.exitcode is not None:
-                    print(f"envfarm worker: process {child.pid} exited with code {child.exitcode}; starting another", file=sys.stderr, flush=True)
+                    log.warning("process %d exited with code %s; starting another", child.pid, child.exitcode)
                     time.sleep(1.0)  # no busy loop of crashes
                     children[i] = context.Process(target=_serve_farm_child, args=arguments, daemon=True)
                     children[i].start()
@@ -134,6 +137,7 @@ def _serve_farm(broker: str, slots: int, allow: Sequence[str] | None, keys: tupl
 
 def _serve_farm_child(broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the children
+    logging.basicConfig(level=os.environ.get("ENVFARM_LOG_LEVEL", "INFO"), format=LOG_FORMAT)  # a spawned child starts unconfigured
     die_with_parent(parent_pid)
     _serve_farm(broker, slots, allow, keys, alive_file)
 
@@ -337,6 +341,8 @@ class FarmWorker(Worker):
         self.trainer_heartbeat = _TrainerHeartbeat(self, endpoint, curve)
 
     def disconnect(self) -> None:
+        if self.data is not None:
+            log.info("lease %s ended", self.registration["lease"])
         if self.trainer_heartbeat is not None:
             self.trainer_heartbeat.stop()
             self.trainer_heartbeat = None
@@ -365,11 +371,14 @@ class FarmWorker(Worker):
             self.disconnect()
             server_key = message["server_key"]
             curve = (self.curve[0], server_key.encode()) if self.curve is not None and server_key else None
+            endpoint = reachable(message["endpoint"], self.broker)
             try:
-                self.connect(reachable(message["endpoint"], self.broker), curve)
-            except (zmq.ZMQError, ValueError):  # an endpoint or key this worker cannot use: no lease
+                self.connect(endpoint, curve)
+            except (zmq.ZMQError, ValueError) as e:  # an endpoint or key this worker cannot use: no lease
+                log.warning("lease %s: cannot connect to its trainer at %s: %s", message["lease"], endpoint, e)
                 self.disconnect()
                 return
+            log.info("lease %s: serving trainer %s at %s", message["lease"], message["trainer"].hex()[:12], endpoint)
             trainer_key = message.get("trainer_key")
             self.registration.update(lease=message["lease"], lessee=message["trainer"], trainer_key=trainer_key if isinstance(trainer_key, str) else None)
             self.next_heartbeat = 0.0

@@ -80,3 +80,25 @@ def _innermost(pid: int) -> int:
             return int(found[0])
         time.sleep(0.05)
     raise AssertionError("unshare started nothing")
+
+
+def test_broker_and_worker_log_registrations_and_leases():
+    import envfarm
+
+    broker = subprocess.Popen([sys.executable, "-m", "envfarm", "broker", "--bind", "tcp://127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        endpoint = broker.stderr.readline().split()[-1]
+        worker = subprocess.Popen([sys.executable, "-m", "envfarm", "worker", "--broker", endpoint, "--slots", "2"], stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)
+        envfarm.make_vec("CartPole-v1", 2, broker=endpoint).close()
+        time.sleep(1.0)
+    finally:
+        for process in (worker, broker):
+            if process is not None:
+                process.terminate()
+    broker_log, worker_log = broker.communicate(timeout=10)[1], worker.communicate(timeout=10)[1]
+    for expected in ("INFO worker", "registered: ", "2 slots", "leased", "for 2 envs of CartPole-v1", "released its workers"):
+        assert expected in broker_log, broker_log
+    for expected in ("INFO lease", "serving trainer", "ended"):
+        assert expected in worker_log, worker_log

@@ -440,6 +440,25 @@ def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(t
         assert stale.returncode == 1
 
 
+def test_a_peer_that_connects_again_under_its_identity_is_heard_at_once(farm):
+    # After a network blip a trainer's or worker's socket reconnects while the broker may still
+    # hold its old connection; libzmq refused such a connection for good (it was never heard again).
+    context = zmq.Context()
+    try:
+        identity, sockets = m.TRAINER_PREFIX + os.urandom(15), []
+        for _ in range(2):  # the second while the first is still connected
+            socket = context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.IDENTITY, identity)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(farm.endpoint)
+            sockets.append(socket)
+            socket.send_multipart([b"", *pack(m.make(m.STATUS, 1))])
+            assert socket.poll(5000), "the broker did not answer"
+            assert unpack(socket.recv_multipart()[1:])["kind"] == m.RESULT
+    finally:
+        context.destroy(linger=0)
+
+
 def test_a_worker_builds_no_more_envs_than_its_slots(quick_farm):
     # A peer that leased a 2-slot worker asks it, directly, for 5000 envs on one CREATE.
     broker, _ = quick_farm

@@ -242,8 +242,13 @@ def test_a_trainer_identity_stays_bound_to_its_key_across_a_broker_restart(keys)
             assert not worker.poll(500)  # no CLOSE: the lease stands
             assert again.workers[m.WORKER_PREFIX + b"-crafted"].lessee == victim
             assert again.trainer_keys[victim] == keys("trainer")[0].decode()  # bound to the key its workers reported
-            # The real trainer's own reconnection while the impostor holds the identity is refused
-            # (no ROUTER_HANDOVER): a squatter can delay it, not take the lease (see docs/farm.md).
+            # The trainer itself connects again while the impostor still holds its identity: it
+            # takes the identity over, is heard, and releases its lease.
+            trainer = connect(endpoint, victim, keys("trainer"), keys.broker_key)
+            reply = ask(trainer, m.make(m.RELEASE, 4), timeout=5)
+            assert reply is not None and reply["kind"] == m.RESULT
+            assert worker.poll(5000) and unpack(worker.recv_multipart())["kind"] == m.CLOSE
+            assert ask(impostor, m.make(m.RELEASE, 5), timeout=1) is None  # the impostor, unheard all along
 
 
 def test_without_a_reported_trainer_key_a_curve_broker_ends_the_lease(keys):
