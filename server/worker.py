@@ -325,13 +325,18 @@ class FarmWorker(Worker):
         if time.monotonic() < self.next_heartbeat:
             return
         self.next_heartbeat = time.monotonic() + m.HEARTBEAT_INTERVAL
-        if self.alive_file is not None:
-            with open(self.alive_file, "a"):
-                os.utime(self.alive_file)
+        self.touch_alive_file()
         try:  # a broker that does not read (its queue is full) misses a heartbeat: it is the one to notice
             self.control.send_multipart(pack(self.registration), zmq.NOBLOCK)
         except zmq.Again:
             pass
+
+    def touch_alive_file(self) -> None:
+        """For the container's health check (`envfarm alive`). While a lease is served, the
+        trainer-heartbeat thread touches it too: a step longer than the check's window is no death."""
+        if self.alive_file is not None:
+            with open(self.alive_file, "a"):
+                os.utime(self.alive_file)
 
     def connect(self, endpoint: str, curve: tuple[KeyPair, bytes] | None = None) -> None:
         super().connect(endpoint, curve)
@@ -408,7 +413,7 @@ class _TrainerHeartbeat(threading.Thread):
     the trainer then judges silence, never the length of a step. A process that is frozen, killed
     or stuck in C code holding the GIL goes silent, as it should."""
 
-    def __init__(self, worker: Worker, endpoint: str, curve: tuple[KeyPair, bytes] | None):
+    def __init__(self, worker: FarmWorker, endpoint: str, curve: tuple[KeyPair, bytes] | None):
         super().__init__(name="envfarm-trainer-heartbeat", daemon=True)
         self.worker, self.endpoint, self.curve = worker, endpoint, curve
         self._stopped = threading.Event()
@@ -425,6 +430,7 @@ class _TrainerHeartbeat(threading.Thread):
             while True:
                 while socket_.poll(0):  # the trainer's probes of this connection: nothing to answer
                     socket_.recv(zmq.NOBLOCK)
+                self.worker.touch_alive_file()
                 probe_seen = self.worker.probe_seen  # first: requests_read then is at least the count it carries
                 try:  # a trainer that does not read (its queue is full) misses one: it is the one to notice
                     socket_.send(m.worker_heartbeat(self.worker.link, self.worker.requests_read, probe_seen), zmq.NOBLOCK)

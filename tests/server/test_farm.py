@@ -440,6 +440,25 @@ def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(t
         assert stale.returncode == 1
 
 
+def test_a_worker_in_a_long_step_stays_healthy(tmp_path):
+    # The container health check (`envfarm alive FILE --within 10`) must not call a worker dead
+    # for one env step longer than its window: the kubelet would restart a healthy worker.
+    from envfarm.bench_envs import SYNTHETIC_ID
+
+    alive = tmp_path / "alive"
+    with start_farm(1, 2, "--alive-file", str(alive), dead_after=2.5) as (broker, _):
+        envs = envfarm.make_vec(SYNTHETIC_ID, 2, broker=broker.endpoint, shared_memory=False, env_kwargs={"step_cost_us": 2_000_000, "obs_shape": [4]})
+        try:
+            envs.reset(seed=0)
+            envs.step_async(envs.action_space.sample())  # 4 s: two envs of 2 s each
+            time.sleep(3.0)
+            healthy = subprocess.run([sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "2"], timeout=30)
+            assert healthy.returncode == 0, "a worker in a long step was reported unhealthy"
+            envs.step_wait(timeout=30)
+        finally:
+            envs.close()
+
+
 def test_a_peer_that_connects_again_under_its_identity_is_heard_at_once(farm):
     # After a network blip a trainer's or worker's socket reconnects while the broker may still
     # hold its old connection; libzmq refused such a connection for good (it was never heard again).
