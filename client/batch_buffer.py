@@ -71,7 +71,7 @@ class BatchBuffer:
     def write_actions(self, rows: slice | Sequence[int], leaves: Sequence[Any]) -> None:
         """Puts the fixed leaves of a batch of actions where shared-memory workers read them."""
         for shared, leaf in zip(self.actions, leaves):
-            if shared is not None and isinstance(leaf, np.ndarray) and leaf.dtype == shared.dtype:  # else sent in the message
+            if takes_unchanged(shared, leaf):  # else its rows are sent in the messages
                 shared[rows] = leaf
 
     def copy_from(self, other: BatchBuffer) -> None:
@@ -101,6 +101,12 @@ class BatchBuffer:
             self.leaves, self.actions = [], []
             self.rewards = self.terminations = self.truncations = None
             self.segment.close()
+
+
+def takes_unchanged(shared: np.ndarray | None, leaf: Any) -> bool:
+    """Whether a leaf of a batch of actions goes through its shared array unchanged: an env must see
+    exactly the values the caller gave, as with SyncVectorEnv, never a cast (0.7 in an int64 row is 0)."""
+    return shared is not None and isinstance(leaf, np.ndarray) and leaf.dtype == shared.dtype
 
 
 def _values(leaf: spaces.Space, num_envs: int) -> list[Any]:

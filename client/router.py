@@ -160,7 +160,7 @@ class Router:
         self._arrived: dict[WorkerHandle, dict[str, Any]] = {}  # replies that came by another way than the poll
         self._early: dict[bytes, dict[str, Any]] = {}  # HELLOs of farm workers that beat their LEASED reply here
         self._admitted: set[bytes] = set()  # with curve: the public keys of the workers leased to this trainer
-        self._admission = threading.Condition()
+        self._admission = threading.Lock()
         self.server_key = curve[0][0].decode() if broker is not None and curve is not None else None
         self.dead_after: float | None = None  # set by the broker's lease: how long a farm worker may be silent
         self._patience: float | None = None
@@ -262,12 +262,23 @@ class Router:
     def _died(self, worker: WorkerHandle) -> WorkerDiedError:
         return WorkerDiedError(f"envfarm {worker.describe()} {worker.dead}; its envs are lost", worker)
 
-    def ask(self, kind: str, requests: dict[WorkerHandle, dict[str, Any]], timeout: float | None) -> dict[WorkerHandle, dict[str, Any]]:
-        """Sends each worker its request of `kind` (the fields given), then waits for every reply."""
-        rid = self.new_rid()
+    def ask(
+        self, kind: str, requests: dict[WorkerHandle, dict[str, Any]], timeout: float | None, lost: list[WorkerHandle] | None = None
+    ) -> dict[WorkerHandle, dict[str, Any]]:
+        """Sends each worker its request of `kind` (the fields given), then waits for every reply.
+        Given a `lost` list, a worker found gone (when sent to, or while waited for) is put there
+        instead of raising WorkerDiedError."""
+        rid, expected = self.new_rid(), {}
         for worker, fields in requests.items():
-            self.send(worker, m.make(kind, rid, **fields))
-        return self.gather(rid, list(requests), timeout)
+            try:
+                self.send(worker, m.make(kind, rid, **fields))
+            except WorkerDiedError:
+                if lost is None:
+                    raise
+                lost.append(worker)
+                continue
+            expected[worker] = rid
+        return self.collect(expected, timeout, wait_all=True, lost=lost)
 
     def gather(self, rid: int, workers: list[WorkerHandle], timeout: float | None) -> dict[WorkerHandle, dict[str, Any]]:
         """Waits for the reply with id `rid` from each of `workers`.
@@ -431,7 +442,6 @@ class Router:
             if worker is None:
                 self._keep_early_hello(sender, frames)
                 continue
-            worker.last_heard = time.monotonic()
             try:
                 message = unpack([f.buffer for f in frames], allow_pickle=self.trusted)
             except ProtocolError as e:

@@ -41,7 +41,7 @@ from envfarm.channel import available as channel_available
 from envfarm.client.errors import FarmError, WorkerDiedError, rebuild
 from envfarm.client.launch import partition, start_local_workers
 from envfarm.cpus import available_cpus
-from envfarm.client.batch_buffer import BatchBuffer
+from envfarm.client.batch_buffer import BatchBuffer, takes_unchanged
 from envfarm.client.segments import Segment
 from envfarm.client.router import Router, WorkerHandle, farm_endpoint
 from envfarm.curve import load_key_pair, load_public_key
@@ -478,7 +478,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     def _action_payload(self, worker: WorkerHandle, leaves: list[Any], rows: slice | list[int]) -> list[Any]:
         """A worker's rows of each action leaf; None where it reads them from the shared batch buffer."""
         return [
-            None if worker.shared_memory and _fits_exactly(leaf, shared) else (leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[i] for i in _indices(rows, len(leaf))])
+            None if worker.shared_memory and takes_unchanged(shared, leaf) else (leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[i] for i in _indices(rows, len(leaf))])
             for leaf, shared in zip(leaves, self._buffer.actions)
         ]
 
@@ -659,14 +659,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         survivors = [worker for worker in self._workers if worker.shared_memory and worker not in lost]
         for worker in survivors:
             worker.shared_memory = False  # until it says it attached: its results travel in its replies
-        rid, sent, lost_now = self._router.new_rid(), {}, []
-        for worker in survivors:
-            try:
-                self._router.send(worker, m.make(m.ATTACH, rid, obs=new.descriptor, channel=None))
-                sent[worker] = rid
-            except WorkerDiedError:
-                lost_now.append(worker)
-        replies = self._router.collect(sent, DEFAULT_STARTUP_TIMEOUT, wait_all=True, lost=lost_now)
+        lost_now: list[WorkerHandle] = []
+        replies = self._router.ask(m.ATTACH, {worker: {"obs": new.descriptor, "channel": None} for worker in survivors}, DEFAULT_STARTUP_TIMEOUT, lost=lost_now)
         for worker, reply in replies.items():
             worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
         return lost_now
@@ -756,12 +750,6 @@ def _truncated_by_restart(reset_reply: dict[str, Any]) -> dict[str, Any]:
         "truncated": np.ones(count, np.bool_),
         "infos": [{**info, "envfarm_restarted": True} for info in reset_reply["infos"]],
     }
-
-
-def _fits_exactly(leaf: Any, shared: np.ndarray | None) -> bool:
-    """Whether actions can go through the shared buffer unchanged: an env sees exactly the values
-    the caller gave, as with SyncVectorEnv, never a cast (0.7 into an int64 row becomes 0)."""
-    return shared is not None and isinstance(leaf, np.ndarray) and leaf.dtype == shared.dtype
 
 
 def _indices(rows: slice | list[int], length: int) -> range | list[int]:

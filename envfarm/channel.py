@@ -24,6 +24,7 @@ Linux on x86-64 only (the futex syscall number and x86's store ordering are reli
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import platform
@@ -52,7 +53,7 @@ class SpinPolicy:
 
     def __init__(self, budget: float):
         self.budget = budget
-        self.recent: list[float] = []
+        self.recent: collections.deque[float] = collections.deque(maxlen=_RECENT)
 
     def spin_for(self) -> float:
         if len(self.recent) < _RECENT // 2:
@@ -61,8 +62,6 @@ class SpinPolicy:
 
     def waited(self, seconds: float) -> None:
         self.recent.append(seconds)
-        if len(self.recent) > _RECENT:
-            del self.recent[0]
 
 
 def available() -> bool:

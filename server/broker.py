@@ -307,7 +307,7 @@ class Broker:
             now = time.monotonic()
             workers = [
                 # Ids are cut short: a peer that knew a trainer's whole identity could speak for it.
-                {"id": r.identity.hex()[:12], "host": r.host, "pid": r.pid, "slots": r.slots, "leased_to": r.lessee.hex()[:12] if r.lessee else None,
+                {"id": _short(r.identity), "host": r.host, "pid": r.pid, "slots": r.slots, "leased_to": _short(r.lessee) if r.lessee else None,
                  "silent_s": round(now - r.last_seen, 1), "steps": r.steps, "steps_per_s": round(r.steps_per_s, 1)}
                 for r in self.workers.values()
             ]

@@ -185,6 +185,10 @@ class Worker:
         # No ZMTP heartbeats here: they would drop and remake the connection after a short network
         # cut, losing the request in flight. The trainer judges this link by the worker's own.
         self.data.setsockopt(zmq.LINGER, 1000)
+        # Before connect: libzmq copies a socket's options into each connection as it makes it.
+        self.data.setsockopt(zmq.TCP_KEEPALIVE, 1)  # an idle link keeps its place in NATs; a dead host is found
+        self.data.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        self.data.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
         if curve is not None:
             secure_client(self.data, *curve)
         self.data.connect(endpoint)
@@ -192,9 +196,6 @@ class Worker:
         self.probe_seen = self.requests_read = 0
         self.last_reply = None
         self.link = int.from_bytes(os.urandom(8), "little")  # this connection's token, in HELLO and heartbeats
-        self.data.setsockopt(zmq.TCP_KEEPALIVE, 1)  # an idle link keeps its place in NATs; a dead host is found
-        self.data.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
-        self.data.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
         self.send({**self.hello, "link": self.link})
 
     def disconnect(self) -> None:

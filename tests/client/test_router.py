@@ -24,6 +24,13 @@ def router():
     router.close()
 
 
+@pytest.fixture
+def context():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
 def heartbeat_sockets(router: Router, context: zmq.Context, count: int) -> tuple[list[WorkerHandle], list[zmq.Socket]]:
     workers, sockets = [], []
     for k in range(count):
@@ -39,75 +46,59 @@ def heartbeat_sockets(router: Router, context: zmq.Context, count: int) -> tuple
     return workers, sockets
 
 
-def test_many_heartbeats_proving_lost_requests_give_one_verdict_not_a_recursion(router):
+def test_many_heartbeats_proving_lost_requests_give_one_verdict_not_a_recursion(router, context):
     # Eight workers each queue 60 heartbeats saying they read a probe but not the request before it.
-    context = zmq.Context()
-    try:
-        workers, sockets = heartbeat_sockets(router, context, 8)
-        for _ in range(60):
-            for socket in sockets:
-                socket.send(m.worker_heartbeat(LINK, 0, 1))
-        assert wait_until(lambda: router.socket.poll(0), 5)
-        time.sleep(0.5)
-        with pytest.raises(WorkerDiedError, match=r"lost a request"):
-            router.collect({worker: 1 for worker in workers}, 5.0, wait_all=True)
-    finally:
-        context.destroy(linger=0)
+    workers, sockets = heartbeat_sockets(router, context, 8)
+    for _ in range(60):
+        for socket in sockets:
+            socket.send(m.worker_heartbeat(LINK, 0, 1))
+    assert wait_until(lambda: router.socket.poll(0), 5)
+    time.sleep(0.5)
+    with pytest.raises(WorkerDiedError, match=r"lost a request"):
+        router.collect({worker: 1 for worker in workers}, 5.0, wait_all=True)
 
 
-def test_heartbeats_of_another_connection_are_life_but_no_evidence(router):
+def test_heartbeats_of_another_connection_are_life_but_no_evidence(router, context):
     # A worker leased to this trainer again heartbeats on its new connection before the trainer
     # has taken its HELLO there: its counts belong to that connection, not to the one known.
-    context = zmq.Context()
-    try:
-        [worker], [socket] = heartbeat_sockets(router, context, 1)
-        for _ in range(5):
-            socket.send(m.worker_heartbeat(LINK + 1, 0, 1))
-        with pytest.raises(Exception) as outcome:  # only the timeout can end this wait
-            router.collect({worker: 1}, 1.5, wait_all=True)
-        assert not isinstance(outcome.value, WorkerDiedError) and "no reply within 1.5 s" in str(outcome.value)
-        assert not worker.dead
-    finally:
-        context.destroy(linger=0)
+    [worker], [socket] = heartbeat_sockets(router, context, 1)
+    for _ in range(5):
+        socket.send(m.worker_heartbeat(LINK + 1, 0, 1))
+    with pytest.raises(Exception) as outcome:  # only the timeout can end this wait
+        router.collect({worker: 1}, 1.5, wait_all=True)
+    assert not isinstance(outcome.value, WorkerDiedError) and "no reply within 1.5 s" in str(outcome.value)
+    assert not worker.dead
 
 
-def test_a_worker_given_up_for_lost_is_told_to_leave_only_on_its_old_connection(router):
-    context = zmq.Context()
-    try:
-        [worker], [socket] = heartbeat_sockets(router, context, 1)
-        data = context.socket(zmq.DEALER)  # the worker's data connection, where CLOSE would come
-        data.setsockopt(zmq.IDENTITY, worker.identity)
-        data.setsockopt(zmq.LINGER, 0)
-        data.connect(router.endpoint)
-        data.send(b"\x80")  # makes the connection known to the router (an empty map, dropped)
-        worker.dead = "was silent for more than 5 s"
-        time.sleep(0.3)
-        socket.send(m.worker_heartbeat(LINK + 1, 0, 0))  # from its next lease's connection: left alone
-        time.sleep(0.3)
-        router._drain({}, {})
-        assert not data.poll(500)
-        socket.send(m.worker_heartbeat(LINK, 0, 0))  # from the connection it was given up on: told to leave
-        time.sleep(0.3)
-        router._drain({}, {})
-        assert data.poll(2000)
-        assert unpack(data.recv_multipart())["kind"] == m.CLOSE
-    finally:
-        context.destroy(linger=0)
+def test_a_worker_given_up_for_lost_is_told_to_leave_only_on_its_old_connection(router, context):
+    [worker], [socket] = heartbeat_sockets(router, context, 1)
+    data = context.socket(zmq.DEALER)  # the worker's data connection, where CLOSE would come
+    data.setsockopt(zmq.IDENTITY, worker.identity)
+    data.setsockopt(zmq.LINGER, 0)
+    data.connect(router.endpoint)
+    data.send(b"\x80")  # makes the connection known to the router (an empty map, dropped)
+    worker.dead = "was silent for more than 5 s"
+    time.sleep(0.3)
+    socket.send(m.worker_heartbeat(LINK + 1, 0, 0))  # from its next lease's connection: left alone
+    time.sleep(0.3)
+    router._drain({}, {})
+    assert not data.poll(500)
+    socket.send(m.worker_heartbeat(LINK, 0, 0))  # from the connection it was given up on: told to leave
+    time.sleep(0.3)
+    router._drain({}, {})
+    assert data.poll(2000)
+    assert unpack(data.recv_multipart())["kind"] == m.CLOSE
 
 
-def test_a_worker_is_gone_only_when_both_its_connections_are(router):
+def test_a_worker_is_gone_only_when_both_its_connections_are(router, context):
     # A data connection being remade after a network reset is not a death while the worker's
     # heartbeat connection stands; a killed process loses both.
-    context = zmq.Context()
-    try:
-        [worker], [socket] = heartbeat_sockets(router, context, 1)
-        socket.send(m.worker_heartbeat(LINK, 0, 0))
-        time.sleep(0.3)
-        with pytest.raises(Exception) as outcome:  # no data connection at all, yet the heartbeats come
-            router.collect({worker: 1}, 1.5, wait_all=True)
-        assert not isinstance(outcome.value, WorkerDiedError) and not worker.dead
-        socket.close(linger=0)  # now nothing of it is left
-        with pytest.raises(WorkerDiedError, match="lost its connection"):
-            router.collect({worker: 1}, 5.0, wait_all=True)
-    finally:
-        context.destroy(linger=0)
+    [worker], [socket] = heartbeat_sockets(router, context, 1)
+    socket.send(m.worker_heartbeat(LINK, 0, 0))
+    time.sleep(0.3)
+    with pytest.raises(Exception) as outcome:  # no data connection at all, yet the heartbeats come
+        router.collect({worker: 1}, 1.5, wait_all=True)
+    assert not isinstance(outcome.value, WorkerDiedError) and not worker.dead
+    socket.close(linger=0)  # now nothing of it is left
+    with pytest.raises(WorkerDiedError, match="lost its connection"):
+        router.collect({worker: 1}, 5.0, wait_all=True)
