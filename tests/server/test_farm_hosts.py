@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import shutil
 import subprocess
@@ -29,10 +30,21 @@ def sh(*command: str) -> None:
     subprocess.run(command, check=True, capture_output=True, timeout=20)
 
 
+def remove_stale_hosts() -> None:
+    """Removes the namespaces and links of earlier runs whose test process is gone: one killed
+    mid-test never ran its fixture's teardown."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20).stdout
+    for pid, name in re.findall(r"^ef(\d+)([ab])\b", listed, re.M):
+        if not os.path.exists(f"/proc/{pid}"):
+            subprocess.run(["ip", "netns", "del", f"ef{pid}{name}"], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"efh{pid}{name}"], capture_output=True)
+
+
 @pytest.fixture
 def hosts():
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
         pytest.skip("network namespaces need root, iproute2 and unshare")
+    remove_stale_hosts()
     made = []
     try:
         for octet, name in ((231, "a"), (232, "b")):
