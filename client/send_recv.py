@@ -28,6 +28,7 @@ from gymnasium.vector.async_vector_env import AsyncState
 
 from envfarm.client.errors import FarmError
 from envfarm.client.router import WorkerHandle
+from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m
 
 IDLE, RUNNING, READY = 0, 1, 2
@@ -221,7 +222,7 @@ class SendRecv:
             buffer.rewards[env_ids] = 0.0
             buffer.terminations[env_ids] = buffer.truncations[env_ids] = False
         self._autoreset_envs[env_ids] = buffer.terminations[env_ids] | buffer.truncations[env_ids]
-        for i, info in zip(env_ids, reply["infos"]):
+        for i, info in zip(env_ids, info_codec.unbatch(reply["infos"], len(env_ids))):
             self._ready_infos[i] = info
         for i, error in errors:
             self._ready_errors[i] = error

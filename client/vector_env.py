@@ -46,6 +46,7 @@ from envfarm.client.segments import Segment
 from envfarm.client.router import Router, WorkerHandle, farm_endpoint
 from envfarm.curve import load_key_pair, load_public_key
 from envfarm.client.send_recv import SendRecv
+from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo
@@ -413,8 +414,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             env_ids = reply["envs"]
             self._buffer.write(env_ids, reply["obs"])
             self._buffer.terminations[env_ids] = self._buffer.truncations[env_ids] = self._autoreset_envs[env_ids] = False
-            for i, info in zip(env_ids, reply["infos"]):
-                infos = self._add_info(infos, info, i)
+            infos = info_codec.add_block(infos, reply["infos"], env_ids, self.num_envs)
         self._raise_errors(replies)
         return self._buffer.batch(self.copy), infos
 
@@ -502,8 +502,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             rows = slice(worker.env_ids.start, worker.env_ids.stop)
             self._buffer.write_results(rows, reply)
             self._buffer.write(rows, reply["obs"])
-            for i, info in zip(worker.env_ids, reply["infos"]):
-                infos = self._add_info(infos, info, i)
+            infos = info_codec.add_block(infos, reply["infos"], worker.env_ids, self.num_envs)
         buffer = self._buffer
         self._autoreset_envs = buffer.terminations | buffer.truncations
         self._raise_errors(replies)
@@ -748,7 +747,7 @@ def _truncated_by_restart(reset_reply: dict[str, Any]) -> dict[str, Any]:
         "rewards": np.zeros(count, np.float64),
         "terminated": np.zeros(count, np.bool_),
         "truncated": np.ones(count, np.bool_),
-        "infos": [{**info, "envfarm_restarted": True} for info in reset_reply["infos"]],
+        "infos": [{**info, "envfarm_restarted": True} for info in info_codec.unbatch(reset_reply["infos"], count)],
     }
 
 

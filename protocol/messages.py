@@ -37,7 +37,8 @@ the worker's heartbeat says how many requests it read and the last probe it read
 so a worker that read a probe but fewer requests than the probe counts has provably lost one.
 
 "envs" are global env indices; per-env errors travel as [[env index, error data], ...], so one
-failing env never hides the results of the others. The field types are checked by `check`. The
+failing env never hides the results of the others. `infos` come batched by key where the block's
+envs agree (see protocol/infos.py). The field types are checked by `check`. The
 broker, which any peer that reaches its port can talk to, also checks every field it reads against
 `CONTROL_BOUNDS` (`check_control`): types, lengths, counts and ranges, so that one message costs it
 a bounded amount of work and memory whatever it holds. With Curve, JOIN's `trainer_key` is the key

@@ -17,6 +17,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode
 
 from envfarm.protocol import spaces as space_codec
+from envfarm.protocol import infos as info_codec
 from envfarm.protocol.errors import ErrorInfo
 
 EnvErrors = list[list]  # [[global env index, error data], ...]
@@ -118,7 +119,7 @@ class HostedEnvs:
                 self._error(errors, i, exc)
                 info = {}
             infos.append(info)
-        return {"envs": list(env_ids), "obs": self._obs_payload(local, positions), "infos": infos, "errors": errors}
+        return {"envs": list(env_ids), "obs": self._obs_payload(local, positions), "infos": info_codec.batch(infos), "errors": errors}
 
     def step(self, env_ids: Sequence[int], action_leaves: list[Any]) -> dict[str, Any]:
         """Steps the envs `env_ids` (all or some of this worker's); row j of each action leaf is env_ids[j]'s."""
@@ -145,7 +146,7 @@ class HostedEnvs:
             "terminated": None if shared else self.terminations[local],
             "truncated": None if shared else self.truncations[local],
             "obs": self._obs_payload(local, positions),
-            "infos": infos,
+            "infos": info_codec.batch(infos),
             "errors": errors,
         }
 
