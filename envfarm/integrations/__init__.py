@@ -1,0 +1,1 @@
+"""Adapters from envfarm to other RL libraries' vector-env APIs, each behind its own extra."""
