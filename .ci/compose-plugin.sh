@@ -5,10 +5,9 @@
 # archive's signature and the package's checksum), with a private state directory; nothing is
 # installed system-wide.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 docker compose version >/dev/null 2>&1 && exit 0
-mirror=$( (cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ {print $2; exit}') || true)
-[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-[ -n "$mirror" ] || { echo "no Debian mirror configured for apt"; exit 1; }
+mirror=$(docker/debian-mirror.sh)
 state=$(mktemp -d)
 trap 'rm -rf "$state"' EXIT
 mkdir -p "$state/lists/partial" "$state/archives/partial"

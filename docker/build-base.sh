@@ -11,7 +11,7 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     if [ ! -s "$CACHE/bookworm-base.tar" ]; then
         command -v debootstrap >/dev/null || { echo "debootstrap is needed (apt-get install debootstrap)" >&2; exit 3; }
         rm -rf "$CACHE/rootfs"
-        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$CACHE/rootfs" http://deb.debian.org/debian >&2
+        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$CACHE/rootfs" "$(docker/debian-mirror.sh)" >&2
         tar -C "$CACHE/rootfs" -cf "$CACHE/bookworm-base.tar" .
         rm -rf "$CACHE/rootfs"
     fi
