@@ -52,7 +52,9 @@ class BatchBuffer:
         self.truncations = array(layout["truncated"])
 
     def write(self, rows: slice | Sequence[int], payload: Sequence[Any]) -> None:
-        """Stores observations of these rows; a None leaf was already written in shared memory."""
+        """Stores observations of these rows; a None leaf (or payload) was already written in shared memory."""
+        if payload is None:
+            return
         for leaf, values in zip(self.leaves, payload):
             if values is None:
                 continue

@@ -66,6 +66,17 @@ class WorkerHandle:
         return f"worker {self.index} ({self.host or 'local'}{pid}, {envs})"
 
 
+def _whole_step_in_shared_memory(worker: WorkerHandle, message: dict[str, Any]) -> bool:
+    """Whether a message is a STEP of all the worker's envs with every action leaf in the shared
+    batch buffer: then a step record says it all."""
+    return (
+        message["kind"] == m.STEP
+        and all(leaf is None for leaf in message["actions"])
+        and len(message["envs"]) == len(worker.env_ids)
+        and message["envs"] == list(worker.env_ids)
+    )
+
+
 def _exit_reason(process: Any) -> str:
     code = process.exitcode
     if code is None:
@@ -157,6 +168,7 @@ class Router:
         self._sentinels: dict[int, WorkerHandle] = {}
         self._next_rid = 0
         self.channels: TrainerChannels | None = None
+        self._reply_on_socket = False  # a channel said a reply too large for its slot comes on the socket
         self._arrived: dict[WorkerHandle, dict[str, Any]] = {}  # replies that came by another way than the poll
         self._early: dict[bytes, dict[str, Any]] = {}  # HELLOs of farm workers that beat their LEASED reply here
         self._admitted: set[bytes] = set()  # with curve: the public keys of the workers leased to this trainer
@@ -240,6 +252,9 @@ class Router:
             raise self._died(worker)
         if worker.inline is not None:  # served right here, now: the other workers were sent theirs first
             self._arrived[worker] = worker.inline.respond(message)
+            return
+        if worker.channel and worker.shared_memory and _whole_step_in_shared_memory(worker, message):
+            self.channels.send(worker.index, [m.step_record(message["rid"])])
             return
         frames = pack(message, allow_pickle=self.trusted)
         if worker.channel and self.channels.send(worker.index, frames):
@@ -340,8 +355,14 @@ class Router:
         if on_channel:
             # Replies ring a futex; the socket (a reply too large for its slot) and the worker
             # processes are looked at between short sleeps.
-            self.channels.wait(on_channel, _CHANNEL_SLICE if remaining is None else min(remaining, _CHANNEL_SLICE))
-            events = self.poller.poll(0)
+            rang = self.channels.wait(on_channel, _CHANNEL_SLICE if remaining is None else min(remaining, _CHANNEL_SLICE))
+            # A poll is a syscall: skipped when a channel rang for a wait on channels only, unless a
+            # reply comes on the socket. A process's exit is seen within a slice all the same.
+            if rang and len(on_channel) == len(pending) and not self._reply_on_socket:
+                events = []
+            else:
+                self._reply_on_socket = False
+                events = self.poller.poll(0)
         else:
             events = self.poller.poll(None if remaining is None else int(remaining * 1000) + 1)
         self._dispatch(events, pending, replies)
@@ -414,9 +435,10 @@ class Router:
             mailbox = self.channels.replies[worker.index]
             frames = mailbox.read()
             if frames is None:
-                continue  # too large for the slot: it comes on the socket
+                self._reply_on_socket = True  # too large for the slot: it comes on the socket
+                continue
             try:
-                message = unpack(frames, allow_pickle=self.trusted)
+                message = m.read_result_record(frames) or unpack(frames, allow_pickle=self.trusted)
             except ProtocolError as e:
                 if mailbox.seq.value == seq:
                     self._malformed(worker, e, pending)

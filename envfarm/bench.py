@@ -32,8 +32,9 @@ from gymnasium.vector.utils import batch_space
 
 import envfarm
 from envfarm.bench_envs import HEAVY_TAIL_ID, SYNTHETIC_ID
+from envfarm.bench_ideal import IdealPair
 
-BACKENDS = ("sync", "async", "envpool", "envfarm", "envfarm-wire", "envfarm-inline", "envfarm-async")
+BACKENDS = ("sync", "async", "envpool", "envfarm", "envfarm-wire", "envfarm-inline", "envfarm-async", "ideal")
 INSTALL_HINT = "pip install 'envfarm[bench]'"
 ACTION_POOL = 64  # distinct pre-sampled batched actions, cycled through while timing
 
@@ -172,6 +173,8 @@ def _start(backend: str, case: EnvCase, num_envs: int, seed: int) -> tuple[Any, 
         vector_kwargs = {"shared_memory": True} if backend == "async" else {}
         envs = gym.make_vec(case.env_id, num_envs, vectorization_mode=backend, vector_kwargs=vector_kwargs, **case.kwargs)
         envs.reset(seed=seed)
+    elif backend == "ideal":  # the limit of two processes in Python: see envfarm/bench_ideal.py
+        envs = IdealPair(case.env_id, num_envs, case.kwargs, seed)
     elif backend == "envpool":
         import envpool
 

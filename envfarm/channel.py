@@ -96,18 +96,18 @@ class Mailbox:
 
     def write(self, frames: Sequence[bytes | memoryview]) -> bool:
         """Replaces the slot's message; False (and the zero-frame marker) if it does not fit."""
-        sizes = [memoryview(frame).nbytes for frame in frames]
+        frames = [frame if type(frame) is bytes else memoryview(frame).cast("B") for frame in frames]
+        sizes = [len(frame) for frame in frames]
         start = self.offset + _aligned(_SIZES + 8 * len(sizes))
         fits = start + sum(_aligned(size) for size in sizes) <= self.offset + self.capacity
         if not fits:
-            sizes = []
+            frames = sizes = []
         seq = self.seq.value
         self.seq.value = seq + 1
-        struct.pack_into("<I", self.buffer, self.offset + _COUNT, len(sizes))
-        struct.pack_into(f"<{len(sizes)}Q", self.buffer, self.offset + _SIZES, *sizes)
+        _header(len(sizes)).pack_into(self.buffer, self.offset + _COUNT, len(sizes), *sizes)
         position = start
-        for frame, size in zip(frames if fits else (), sizes):
-            self.buffer[position : position + size] = memoryview(frame).cast("B")
+        for frame, size in zip(frames, sizes):
+            self.buffer[position : position + size] = frame
             position += _aligned(size)
         self.seq.value = seq + 2
         return fits
@@ -133,6 +133,17 @@ class Mailbox:
             frames.append(self.buffer[position:end])
             position += _aligned(size)
         return frames
+
+
+_headers: dict[int, struct.Struct] = {}
+
+
+def _header(count: int) -> struct.Struct:
+    """The layout of a mailbox's frame count (at _COUNT) and `count` frame sizes (from _SIZES)."""
+    header = _headers.get(count)
+    if header is None:
+        header = _headers[count] = struct.Struct(f"<I{_SIZES - _COUNT - 4}x{count}Q")
+    return header
 
 
 def _aligned(size: int) -> int:
@@ -187,8 +198,8 @@ class TrainerChannels:
         self.read_seq[worker] = seq
         return seq
 
-    def wait(self, pending: Sequence[int], timeout: float) -> None:
-        """Returns when a reply may have come from one of `pending`, or after `timeout` seconds."""
+    def wait(self, pending: Sequence[int], timeout: float) -> bool:
+        """Returns when a reply may have come from one of `pending` (True), or after `timeout` seconds."""
         start = time.perf_counter()
         ring = self.doorbell.value
         if not self._arrived(pending):
@@ -199,8 +210,10 @@ class TrainerChannels:
                 os.sched_yield()
             else:
                 futex_wait(self.doorbell, ring, max(0.0, timeout - (time.perf_counter() - start)))
-        if self._arrived(pending):  # a wait that ended in a timeout teaches nothing about the workers
-            self.spin.waited(time.perf_counter() - start)
+        if not self._arrived(pending):
+            return False  # a wait that ended in a timeout teaches nothing about the workers
+        self.spin.waited(time.perf_counter() - start)
+        return True
 
     def _arrived(self, pending: Sequence[int]) -> bool:
         return any(self.replies[w].seq.value != self.read_seq[w] for w in pending)

@@ -134,6 +134,44 @@ def read_worker_heartbeat(frame: bytes) -> tuple[int, int, int] | None:
     return int.from_bytes(frame[1:9], "little"), int.from_bytes(frame[9:17], "little"), int.from_bytes(frame[17:], "little")
 
 
+# Step records, on a same-host channel only: when a worker reads its actions from the shared batch
+# buffer and writes its results there, a step of all its envs needs nothing but the rid each way,
+# and a result with no infos and no errors nothing but the rid back. One 9-byte frame, whose
+# first byte is a positive msgpack fixint like the liveness frames'. Saves the msgpack encoding,
+# decoding and checking of two messages per worker and step (about 10 us on the 2-CPU VM).
+_STEP_RECORD, _RESULT_RECORD = b"s", b"r"
+
+
+def step_record(rid: int) -> bytes:
+    """A STEP of every env the worker hosts, actions in the shared batch buffer."""
+    return _STEP_RECORD + rid.to_bytes(8, "little", signed=True)
+
+
+def result_record(rid: int) -> bytes:
+    """The RESULT of a step record whose results are all in the shared batch buffer, with empty
+    infos and no errors."""
+    return _RESULT_RECORD + rid.to_bytes(8, "little", signed=True)
+
+
+def read_step_record(frames: list) -> int | None:
+    """The rid of a step record; None if the frames are not one."""
+    return _read_record(frames, _STEP_RECORD)
+
+
+def read_result_record(frames: list) -> dict[str, Any] | None:
+    """The RESULT a result record stands for; None if the frames are not one."""
+    rid = _read_record(frames, _RESULT_RECORD)
+    if rid is None:
+        return None
+    return make(RESULT, rid, rewards=None, terminated=None, truncated=None, obs=None, infos={}, errors=[])
+
+
+def _read_record(frames: list, tag: bytes) -> int | None:
+    if len(frames) != 1 or len(frames[0]) != 9 or frames[0][:1] != tag:
+        return None
+    return int.from_bytes(frames[0][1:], "little", signed=True)
+
+
 def make(kind: str, rid: int, **fields: Any) -> dict[str, Any]:
     """Builds a message of a known kind."""
     return {"kind": kind, "rid": rid, **fields}

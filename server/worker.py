@@ -208,6 +208,9 @@ class Worker:
             self.data = None
 
     def send(self, message: dict[str, Any]) -> None:
+        if self.channel is not None and _all_in_shared_memory(message):
+            self.channel.send([m.result_record(message["rid"])])
+            return
         try:
             frames = pack(message, allow_pickle=self.trusted)
         except TypeError as e:
@@ -244,11 +247,22 @@ class Worker:
         frames = self.channel.requests.read()
         if frames is None:  # too large for the slot: it came on the socket
             return self.from_socket()
+        rid = m.read_step_record(frames)
+        if rid is not None:
+            message = self._step_of_record(rid)
+            return message if self.channel.requests.seq.value == seq else None
         try:
             message = unpack(frames, allow_pickle=self.trusted)
         except ProtocolError as e:
             return e if self.channel.requests.seq.value == seq else None
         return message if self.channel.requests.seq.value == seq else None
+
+    def _step_of_record(self, rid: int) -> dict[str, Any] | ProtocolError:
+        """The STEP a step record stands for: all this worker's envs, actions in shared memory."""
+        envs = self.requests.envs
+        if envs is None or not envs.in_shared_memory or any(rows is None for rows in envs.action_rows):
+            return ProtocolError("a step record needs the trainer's batch buffer attached, with every action leaf in it")
+        return m.make(m.STEP, rid, envs=envs.env_ids, actions=[None] * len(envs.action_rows))
 
     def from_socket(self) -> dict[str, Any] | ProtocolError | None:
         frames = self.data.recv_multipart(copy=False)
@@ -269,6 +283,17 @@ class Worker:
             return unpack([frame.buffer for frame in frames], allow_pickle=self.trusted)
         except ProtocolError as e:
             return e
+
+
+def _all_in_shared_memory(reply: dict[str, Any]) -> bool:
+    """Whether a reply is a step's RESULT that says nothing the shared batch buffer does not hold."""
+    return (
+        reply["kind"] == m.RESULT
+        and reply.get("rewards", 0) is None
+        and all(leaf is None for leaf in reply["obs"])
+        and reply["infos"] == {}
+        and not reply["errors"]
+    )
 
 
 class FarmWorker(Worker):

@@ -23,7 +23,7 @@ def test_bench_writes_one_row_per_backend_env_and_num_envs(tmp_path):
     assert len(keys) == len(set(keys)) and set(keys) == measured
     assert [(r["backend"], r["env_id"], int(r["num_envs"])) for r in csv_rows] == keys
     for env_id in ("CartPole-v1", "envfarm/Synthetic-v0"):
-        for backend in ("sync", "async", "envfarm", "envfarm-wire"):
+        for backend in ("sync", "async", "envfarm", "envfarm-wire", "ideal"):
             assert (backend, env_id, 4) in measured
     assert all(r["steps_per_s"] > 0 and float(c["steps_per_s"]) > 0 for r, c in zip(report["results"], csv_rows))
     assert "[1/" in log.getvalue()

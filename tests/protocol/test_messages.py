@@ -355,3 +355,18 @@ def test_control_refuses_kinds_the_broker_does_not_serve(kind):
 def test_a_join_from_an_older_broker_has_no_trainer_key():
     join = m.make(m.JOIN, 0, endpoint="tcp://10.0.0.1:4000", server_key=None, lease="0123456789abcdef", trainer=b"T" + bytes(15))
     assert m.check(join) is join
+
+
+def test_step_and_result_records_round_trip_and_are_never_taken_for_messages() -> None:
+    for rid in (0, 1, 2**40, -1):
+        assert m.read_step_record([m.step_record(rid)]) == rid
+        assert m.read_result_record([m.result_record(rid)])["rid"] == rid
+        for record in (m.step_record(rid), m.result_record(rid)):
+            with pytest.raises(ProtocolError):
+                unpack([record])  # not a map: a peer's garbage of this shape is an error, never a message
+    assert m.read_step_record([m.result_record(3)]) is None
+    assert m.read_result_record([m.step_record(3)]) is None
+    assert m.read_step_record([m.step_record(3), b""]) is None
+    assert m.read_step_record([m.step_record(3)[:-1]]) is None
+    result = m.check(m.read_result_record([memoryview(m.result_record(7))]))
+    assert (result["kind"], result["rid"], result["infos"], result["errors"]) == (m.RESULT, 7, {}, [])
