@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
     worker.add_argument("--slots", type=int, default=8, help="envs each worker process hosts at most (default 8)")
     worker.add_argument("--processes", default="1", help="worker processes: a number, or 'auto' for one per CPU this container or host may use (its cgroup quota, not the host's cores); a process that dies is replaced (default 1)")
-    worker.add_argument("--alive-file", help="touch this file at every heartbeat, for a health check: `envfarm alive FILE`")
+    worker.add_argument("--alive-file", help="touch this file at every heartbeat, for a health check: `envfarm alive FILE` (with several processes, each touches FILE.i)")
+    worker.add_argument("--broker-grace", type=float, default=10.0, help="seconds an idle worker may be out of the broker's reach before it stops touching its alive file (default 10)")
     worker.add_argument("--curve-secret", help="CurveZMQ: this worker's secret key file")
     worker.add_argument("--broker-key", help="CurveZMQ: the broker's public key file")
     worker.add_argument("--allow", default=None, help="comma-separated env id patterns it builds, e.g. 'CartPole-*,ALE/*' (default: Gymnasium's registered ids)")
@@ -84,9 +85,14 @@ def _alive_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def is_alive(alive_file: str, within: float) -> bool:
-    """Whether a farm worker touched `alive_file` in the last `within` seconds (`envfarm alive`)."""
+    """Whether a farm worker touched `alive_file` in the last `within` seconds, or, for a worker of
+    several processes, whether every process touched its own `alive_file`.N (`envfarm alive`)."""
+    directory, name = os.path.split(os.path.abspath(alive_file))
     try:
-        return time.time() - os.path.getmtime(alive_file) <= within
+        files = [alive_file] if os.path.exists(alive_file) else [
+            os.path.join(directory, entry) for entry in os.listdir(directory) if entry.startswith(name + ".") and entry[len(name) + 1 :].isdigit()
+        ]
+        return bool(files) and all(time.time() - os.path.getmtime(path) <= within for path in files)
     except OSError:
         return False
     # Here, not beside the worker: a health check runs often, and must not load zmq, numpy or gymnasium.
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         _log_to_stderr(args.log_level)
         _stop_on_sigterm()
         try:
-            run_farm_workers(args.broker, args.slots, processes, allow, curve, args.alive_file)
+            run_farm_workers(args.broker, args.slots, processes, allow, curve, args.alive_file, args.broker_grace)
         except KeyboardInterrupt:
             pass
         return 0

@@ -26,6 +26,7 @@ import time
 from typing import Any, Sequence
 
 import zmq
+from zmq.utils import monitor as zmq_monitor
 
 from threadpoolctl import threadpool_limits
 
@@ -39,6 +40,7 @@ from envfarm.server.requests import RequestHandler
 
 _PR_SET_PDEATHSIG = 1
 log = logging.getLogger("envfarm.worker")
+BROKER_GRACE = 10.0  # seconds out of the broker's reach before an idle farm worker says it is unhealthy
 LOG_FORMAT = "%(asctime)s %(name)s %(process)d %(levelname)s %(message)s"
 RESEND_AFTER = 2 * m.HEARTBEAT_INTERVAL  # seconds a reply may be on its way before a probe asking for it has it sent again
 
@@ -95,21 +97,28 @@ def run_farm_workers(
     allow: Sequence[str] | None = None,
     curve: tuple[str, str] | None = None,
     alive_file: str | None = None,
+    broker_grace: float = BROKER_GRACE,
 ) -> None:
     """Entry point of `envfarm worker`: serves leases from the broker until killed.
 
     One process: this one is the worker. More: each worker is a child process, and one that dies
     (an env that crashes its process) is replaced a second later, while the others serve on.
     `curve`: (this worker's secret key file, the broker's public key file). `alive_file` is
-    touched at every heartbeat, for a container's health check (`envfarm alive FILE`).
+    touched at every heartbeat, for a container's health check (`envfarm alive FILE`), except
+    by an idle worker that has not reached the broker for `broker_grace` seconds. With several
+    processes, process i touches `alive_file`.i, so that one stuck process is seen.
     """
     keys = (load_key_pair(curve[0]), load_public_key(curve[1])) if curve is not None else None
     if processes == 1:
-        _serve_farm(broker, slots, allow, keys, alive_file)
+        _serve_farm(broker, slots, allow, keys, alive_file, broker_grace)
         return
     context = multiprocessing.get_context("spawn")
-    arguments = (broker, slots, allow, keys, alive_file, os.getpid())
-    children = [context.Process(target=_serve_farm_child, args=arguments, daemon=True) for _ in range(processes)]
+
+    def new_child(i: int) -> multiprocessing.Process:
+        own_file = None if alive_file is None else f"{alive_file}.{i}"
+        return context.Process(target=_serve_farm_child, args=(broker, slots, allow, keys, own_file, broker_grace, os.getpid()), daemon=True)
+
+    children = [new_child(i) for i in range(processes)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `docker stop`: the children go too (PDEATHSIG)
     try:
         for child in children:
@@ -120,7 +129,7 @@ def run_farm_workers(
                 if child.exitcode is not None:
                     log.warning("process %d exited with code %s; starting another", child.pid, child.exitcode)
                     time.sleep(1.0)  # no busy loop of crashes
-                    children[i] = context.Process(target=_serve_farm_child, args=arguments, daemon=True)
+                    children[i] = new_child(i)
                     children[i].start()
     finally:
         started = [child for child in children if child.pid is not None]
@@ -130,16 +139,18 @@ def run_farm_workers(
             child.join(5)
 
 
-def _serve_farm(broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None) -> None:
+def _serve_farm(broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None, broker_grace: float) -> None:
     limit_threads()
-    FarmWorker(broker, m.WORKER_PREFIX + os.urandom(15), slots, allow, keys, alive_file).serve()
+    FarmWorker(broker, m.WORKER_PREFIX + os.urandom(15), slots, allow, keys, alive_file, broker_grace).serve()
 
 
-def _serve_farm_child(broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None, parent_pid: int) -> None:
+def _serve_farm_child(
+    broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None, broker_grace: float, parent_pid: int
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the children
     logging.basicConfig(level=os.environ.get("ENVFARM_LOG_LEVEL", "INFO"), format=LOG_FORMAT)  # a spawned child starts unconfigured
     die_with_parent(parent_pid)
-    _serve_farm(broker, slots, allow, keys, alive_file)
+    _serve_farm(broker, slots, allow, keys, alive_file, broker_grace)
 
 
 def run_local_worker(endpoint: str, identity: bytes, parent_pid: int, is_parent: bool = True) -> None:
@@ -304,16 +315,25 @@ class FarmWorker(Worker):
     trainer or from the broker, ends it: its envs are closed and it waits for the next lease.
     """
 
-    def __init__(self, broker: str, identity: bytes, slots: int, allow: Sequence[str] | None, curve: tuple[KeyPair, bytes] | None, alive_file: str | None = None):
+    def __init__(
+        self, broker: str, identity: bytes, slots: int, allow: Sequence[str] | None, curve: tuple[KeyPair, bytes] | None,
+        alive_file: str | None = None, broker_grace: float = BROKER_GRACE,
+    ):
         super().__init__(identity, trusted=False, allow=allow)
         self.curve = curve
         self.alive_file = alive_file
+        self.broker_grace = broker_grace
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, identity)
         self.control.setsockopt(zmq.LINGER, 0)
         set_tcp_heartbeats(self.control)
         if curve is not None:
             secure_client(self.control, *curve)
+        # The connection's events tell whether the broker can be reached: a worker that cannot reach
+        # it gets no lease, and says so in its log and its health check.
+        self.broker_events = self.control.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.broker_lost_at: float | None = time.monotonic()  # when the broker went out of reach; None while reached
+        self.warned_of_broker = False
         self.control.connect(broker)
         # "steps": env steps served, for `envfarm status`
         self.registration = {**self.hello, "slots": slots, "allow": list(allow) if allow is not None else None, "lease": None, "lessee": None, "trainer_key": None, "steps": 0}
@@ -344,6 +364,8 @@ class FarmWorker(Worker):
         finally:
             if self.trainer_heartbeat is not None:
                 self.trainer_heartbeat.stop()
+            self.control.disable_monitor()
+            self.broker_events.close(linger=0)
             self.context.destroy(linger=1000)
 
     def heartbeat(self) -> None:
@@ -351,11 +373,32 @@ class FarmWorker(Worker):
         if time.monotonic() < self.next_heartbeat:
             return
         self.next_heartbeat = time.monotonic() + m.HEARTBEAT_INTERVAL
-        self.touch_alive_file()
+        self.follow_broker_connection()
+        # Idle and out of the broker's reach for long: unhealthy, so that an orchestrator restarts
+        # (and a person sees) a worker that cannot serve. Serving a lease is health: the trainer's
+        # link is direct, and the trainer-heartbeat thread touches the file then.
+        if self.broker_lost_at is None or time.monotonic() - self.broker_lost_at < self.broker_grace:
+            self.touch_alive_file()
         try:  # a broker that does not read (its queue is full) misses a heartbeat: it is the one to notice
             self.control.send_multipart(pack(self.registration), zmq.NOBLOCK)
         except zmq.Again:
             pass
+
+    def follow_broker_connection(self) -> None:
+        """Reads the control connection's events; logs when the broker is lost and found again."""
+        while self.broker_events.poll(0):
+            event = zmq_monitor.recv_monitor_message(self.broker_events)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.broker_lost_at is not None:
+                log.info("broker %s reached", self.broker)
+                self.broker_lost_at = None
+            elif event == zmq.EVENT_DISCONNECTED and self.broker_lost_at is None:
+                log.warning("broker %s lost; reconnecting", self.broker)
+                self.broker_lost_at = time.monotonic()
+        if self.broker_lost_at is not None and time.monotonic() - self.broker_lost_at >= self.broker_grace and not self.warned_of_broker:
+            log.error("broker %s out of reach for %g s; this worker gets no lease until it is back (health: unhealthy)", self.broker, self.broker_grace)
+            self.warned_of_broker = True
+        elif self.broker_lost_at is None:
+            self.warned_of_broker = False
 
     def touch_alive_file(self) -> None:
         """For the container's health check (`envfarm alive`). While a lease is served, the

@@ -90,3 +90,26 @@ def test_compose_files_match_the_compose_schema(path):
     for command in checks:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+
+
+def test_kubernetes_manifest_meets_what_a_platform_engineer_checks():
+    for document in kubernetes_documents():
+        if document["kind"] == "Service":
+            continue
+        pod = document["spec"]["template"]["spec"]
+        # Pod Security Standards, 'restricted'
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in pod["containers"]:
+            name = f"{document['metadata']['name']}/{container['name']}"
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], name
+            assert container["imagePullPolicy"] == "IfNotPresent", name  # a ':latest' tag is otherwise pulled at every start
+            assert "limits" in container["resources"], name
+            for probe in ("readinessProbe", "livenessProbe"):
+                if probe in container:  # the default of 1 s restarts healthy pods under a busy CPU quota
+                    assert container[probe].get("timeoutSeconds", 1) >= 5, f"{name} {probe}"
+    documents = {(d["kind"], d["metadata"]["name"]): d for d in kubernetes_documents()}
+    assert documents["Deployment", "envfarm-broker"]["spec"]["strategy"]["type"] == "Recreate"  # never two brokers
+    job = documents["Job", "envfarm-trainer-example"]["spec"]
+    assert job["ttlSecondsAfterFinished"] > 0 and job["activeDeadlineSeconds"] > 0

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -23,6 +24,7 @@ from polling import wait_until
 import envfarm
 from envfarm.protocol import messages as m
 from envfarm.protocol.packing import pack, unpack
+from envfarm.server.broker import Broker
 
 
 @pytest.fixture
@@ -603,3 +605,53 @@ def test_no_false_verdict_under_cpu_oversubscription(shared_memory):
             assert steps > 50
         finally:
             envs.close()
+
+
+def test_an_idle_worker_out_of_the_brokers_reach_says_so_and_is_unhealthy_until_it_is_back(tmp_path):
+    alive = tmp_path / "alive"
+    broker = Broker("tcp://127.0.0.1:0")
+    port = broker.endpoint.rsplit(":", 1)[1]
+    thread = threading.Thread(target=broker.serve, daemon=True)
+    thread.start()
+    command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2", "--alive-file", str(alive), "--broker-grace", "1"]
+    host = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    check = [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "1.5"]
+    try:
+        assert wait_until(lambda: len(broker.workers) == 1, 30), "the worker did not register"
+        assert subprocess.run(check, timeout=30).returncode == 0
+        broker.stop()
+        thread.join(5)
+        assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 1, 15), "a worker that cannot reach its broker stayed healthy"
+        broker = Broker(f"tcp://127.0.0.1:{port}")  # the broker comes back where it was
+        thread = threading.Thread(target=broker.serve, daemon=True)
+        thread.start()
+        assert wait_until(lambda: len(broker.workers) == 1, 30), "the worker did not register again"
+        assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 0, 15), "the worker stayed unhealthy with its broker back"
+    finally:
+        host.terminate()
+        host.wait(10)
+        broker.stop()
+        thread.join(5)
+    log = host.stderr.read()
+    assert "lost; reconnecting" in log and "out of reach for 1 s" in log and "reached" in log
+
+
+def test_each_process_of_a_worker_has_its_own_alive_file_so_one_stuck_process_is_seen(tmp_path):
+    alive = tmp_path / "alive"
+    with running_broker() as broker:
+        command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2", "--processes", "2", "--alive-file", str(alive)]
+        host = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        check = [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "3"]
+        try:
+            assert wait_until(lambda: len(broker.workers) == 2, 30), "the two worker processes did not register"
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["alive.0", "alive.1"]
+            assert subprocess.run(check, timeout=30).returncode == 0
+            stuck = min(record.pid for record in broker.workers.values())
+            os.kill(stuck, signal.SIGSTOP)  # stuck: alive to the kernel, serving nobody
+            try:
+                assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 1, 15), "one stuck process was hidden by the other"
+            finally:
+                os.kill(stuck, signal.SIGCONT)
+        finally:
+            host.terminate()
+            host.wait(10)
