@@ -3,25 +3,22 @@
 One (num_envs, ...) array per fixed leaf of the observation and action spaces, and one
 (num_envs,) array each for rewards, terminations and truncations. With `shared=True` they all
 live in one POSIX shared-memory segment that same-host workers read their actions from and
-write their results into; a nonce after the arrays lets a worker prove it really reached this
-segment. Non-fixed observation leaves (Text, Sequence, OneOf) are lists of values and always
+write their results into (a worker proves it reached the segment by its nonce, see
+transport/segments.py). Non-fixed observation leaves (Text, Sequence, OneOf) are lists of values and always
 travel as data, as do non-fixed action leaves.
 """
 
 from __future__ import annotations
 
 import copy as copy_module
-import os
 from typing import Any, Sequence
 
 import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import create_empty_array
 
-from envfarm.client.segments import Segment
+from envfarm.transport.segments import Segment
 from envfarm.protocol import spaces as space_codec
-
-NONCE_BYTES = 16
 
 
 class BatchBuffer:
@@ -31,10 +28,8 @@ class BatchBuffer:
         self.segment: Segment | None = None
         self.descriptor: dict[str, Any] | None = None
         if shared:
-            self.segment = Segment(size + NONCE_BYTES)
-            nonce = os.urandom(NONCE_BYTES)
-            self.segment.buffer[size : size + NONCE_BYTES] = nonce
-            self.descriptor = {"name": self.segment.name, "size": size, "nonce": nonce, "layout": layout}
+            self.segment = Segment(size)
+            self.descriptor = {**self.segment.descriptor(), "layout": layout}
 
         def array(region: space_codec.Region) -> np.ndarray:
             offset, dtype, shape = region

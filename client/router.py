@@ -23,8 +23,9 @@ from typing import Any, Iterator
 
 import zmq
 
-from envfarm.channel import TrainerChannels
-from envfarm.curve import KeyPair, secure_client, secure_server
+from envfarm.transport.channel import TrainerChannels
+from envfarm.transport.curve import KeyPair, secure_client, secure_server
+from envfarm.transport.sockets import keep_alive
 from envfarm.client.errors import WorkerDiedError
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ProtocolError
@@ -188,9 +189,7 @@ class Router:
             if broker is not None:  # a port on the network: bound what a stranger can make it buffer
                 self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_FARM_FRAME_BYTES)
                 self.socket.setsockopt(zmq.RCVHWM, _FARM_RECEIVE_QUEUE)
-                self.socket.setsockopt(zmq.TCP_KEEPALIVE, 1)  # an idle link keeps its place in NATs; a dead host is found
-                self.socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
-                self.socket.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
+                keep_alive(self.socket)
             if self.server_key is not None:
                 self._authenticator = secure_server(self.context, self.socket, curve[0], self._admits, wait=_ADMISSION_WAIT)
             self.socket.bind(endpoint)

@@ -36,15 +36,15 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
-from envfarm.channel import TrainerChannels
-from envfarm.channel import available as channel_available
+from envfarm.transport.channel import TrainerChannels
+from envfarm.transport.channel import available as channel_available
 from envfarm.client.errors import FarmError, WorkerDiedError, rebuild
 from envfarm.client.launch import partition, start_local_workers
-from envfarm.cpus import available_cpus
+from envfarm.transport.cpus import available_cpus
 from envfarm.client.batch_buffer import BatchBuffer, takes_unchanged
-from envfarm.client.segments import Segment
+from envfarm.transport.segments import Segment
 from envfarm.client.router import Router, WorkerHandle, farm_endpoint
-from envfarm.curve import load_key_pair, load_public_key
+from envfarm.transport.curve import load_key_pair, load_public_key
 from envfarm.client.send_recv import SendRecv
 from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m
@@ -105,7 +105,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             connect to it directly; the broker only introduces them). Default: this host's
             address on its route to the broker, and a free port.
         curve: (this trainer's secret key file, the broker's public key file): CurveZMQ to the
-            broker and to the leased workers (see envfarm/curve.py).
+            broker and to the leased workers (see transport/curve.py).
         on_failure: "raise" (default): a lost worker raises WorkerDiedError. "restart" (farm
             only): its envs are built again on another leased worker and reset; that step or
             reset reports them truncated=True with info["envfarm_restarted"] (their last

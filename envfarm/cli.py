@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     if args.command == "worker":
-        from envfarm.cpus import available_cpus
+        from envfarm.transport.cpus import available_cpus
         from envfarm.protocol import messages as m
         from envfarm.server.worker import run_farm_workers
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return 0
     if args.command == "keygen":
-        from envfarm.curve import keygen
+        from envfarm.transport.curve import keygen
 
         public, secret = keygen(args.directory, args.name)
         print(f"wrote {public} (share it) and {secret} (keep it private)")

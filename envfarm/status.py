@@ -9,7 +9,7 @@ from typing import Any
 
 import zmq
 
-from envfarm.curve import load_key_pair, load_public_key, secure_client
+from envfarm.transport.curve import load_key_pair, load_public_key, secure_client
 from envfarm.protocol import messages as m
 from envfarm.protocol.packing import pack, unpack
 

@@ -163,3 +163,18 @@ def batch_layout(observation_space: spaces.Space, action_space: spaces.Space, nu
 
 def _aligned(offset: int, align: int = 64) -> int:
     return -(-offset // align) * align
+
+
+def batch_rows(buffer: Any, layout: dict[str, Any], first_row: int, num_rows: int) -> dict[str, Any]:
+    """Views of rows [first_row, first_row + num_rows) of every array of the trainer's batch buffer:
+    {"obs": [view or None per leaf], "actions": [...], "rewards": view, "terminated": view, "truncated": view}."""
+
+    def rows(region: Any) -> np.ndarray | None:
+        if region is None:
+            return None
+        offset, dtype, shape = region
+        return np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=buffer, offset=offset)[first_row : first_row + num_rows]
+
+    views: dict[str, Any] = {name: [rows(region) for region in layout[name]] for name in ("obs", "actions")}
+    views.update({name: rows(layout[name]) for name in ("rewards", "terminated", "truncated")})
+    return views

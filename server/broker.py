@@ -40,7 +40,8 @@ from typing import Any
 
 import zmq
 
-from envfarm.curve import ADMINS, TRAINERS, WORKERS, load_key_pair, load_roles, secure_server
+from envfarm.transport.curve import ADMINS, TRAINERS, WORKERS, load_key_pair, load_roles, secure_server
+from envfarm.transport.sockets import zmtp_heartbeats
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
@@ -103,13 +104,6 @@ def _compile_allow(patterns: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns) or "(?!)")
 
 
-def set_tcp_heartbeats(socket: zmq.Socket) -> None:
-    """ZMTP heartbeats: a dead host or a half-open TCP connection is noticed and reconnected."""
-    socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-    socket.setsockopt(zmq.HEARTBEAT_TTL, 3000)
-
-
 class Broker:
     """Serves one ROUTER socket until `stop()`."""
 
@@ -134,7 +128,7 @@ class Broker:
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        set_tcp_heartbeats(self.socket)
+        zmtp_heartbeats(self.socket)
         self._authenticator = None
         self.roles: dict[str, frozenset[str]] | None = None  # with Curve role directories: each key's roles
         if curve is not None:

@@ -14,11 +14,11 @@ import cloudpickle
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 
-from envfarm import channel as shm_channel
+from envfarm.transport import channel as shm_channel
+from envfarm.transport import segments
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
-from envfarm.server import shared_memory
 from envfarm.server.hosted_envs import HostedEnvs
 
 
@@ -120,18 +120,18 @@ class RequestHandler:
         reasons, obs_ok, channel_ok = [], False, False
         if message["obs"] is not None:
             first, count = self.envs.env_ids[0], len(self.envs.env_ids)
-            segment, reason = shared_memory.map_segment(message["obs"])
+            segment, reason = segments.attach(message["obs"])
             if segment is not None and self.envs.env_ids != list(range(first, first + count)):
                 segment, reason = None, "this worker's envs are not a contiguous block of rows"
             if segment is not None:
-                self.envs.use_shared_memory(shared_memory.batch_rows(segment, message["obs"]["layout"], first, count))
+                self.envs.use_shared_memory(space_codec.batch_rows(segment, message["obs"]["layout"], first, count))
                 obs_ok = True
             else:
                 self.envs.use_private_memory()
             self.batch_segment = segment  # the old mapping goes with its last view
             reasons.append(reason)
         if message["channel"] is not None and shm_channel.available():
-            segment, reason = shared_memory.map_segment(message["channel"])
+            segment, reason = segments.attach(message["channel"])
             if segment is not None:
                 self.channel_segment = segment
                 self.channel = shm_channel.WorkerEnd(memoryview(segment), message["channel"], message["channel"].get("spin", 0.0))

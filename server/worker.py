@@ -30,12 +30,12 @@ from zmq.utils import monitor as zmq_monitor
 
 from threadpoolctl import threadpool_limits
 
-from envfarm import channel as shm_channel
-from envfarm.curve import KeyPair, load_key_pair, load_public_key, secure_client
+from envfarm.transport import channel as shm_channel
+from envfarm.transport.curve import KeyPair, load_key_pair, load_public_key, secure_client
+from envfarm.transport.sockets import keep_alive, zmtp_heartbeats
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
-from envfarm.server.broker import set_tcp_heartbeats
 from envfarm.server.requests import RequestHandler
 
 _PR_SET_PDEATHSIG = 1
@@ -193,13 +193,9 @@ class Worker:
         """Opens the socket to a trainer and says HELLO on it."""
         self.data = self.context.socket(zmq.DEALER)
         self.data.setsockopt(zmq.IDENTITY, self.identity)
-        # No ZMTP heartbeats here: they would drop and remake the connection after a short network
-        # cut, losing the request in flight. The trainer judges this link by the worker's own.
+        # No ZMTP heartbeats here (see transport/sockets.py): the trainer judges this link by the worker's own.
         self.data.setsockopt(zmq.LINGER, 1000)
-        # Before connect: libzmq copies a socket's options into each connection as it makes it.
-        self.data.setsockopt(zmq.TCP_KEEPALIVE, 1)  # an idle link keeps its place in NATs; a dead host is found
-        self.data.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
-        self.data.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
+        keep_alive(self.data)
         if curve is not None:
             secure_client(self.data, *curve)
         self.data.connect(endpoint)
@@ -326,7 +322,7 @@ class FarmWorker(Worker):
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, identity)
         self.control.setsockopt(zmq.LINGER, 0)
-        set_tcp_heartbeats(self.control)
+        zmtp_heartbeats(self.control)
         if curve is not None:
             secure_client(self.control, *curve)
         # The connection's events tell whether the broker can be reached: a worker that cannot reach

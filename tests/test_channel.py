@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from envfarm import channel
-from envfarm.channel import SpinPolicy, TrainerChannels, WorkerEnd
-from envfarm.client.segments import Segment
+from envfarm.transport import channel
+from envfarm.transport.channel import SpinPolicy, TrainerChannels, WorkerEnd
+from envfarm.transport.segments import Segment
 
 pytestmark = pytest.mark.skipif(not channel.available(), reason="the channel needs Linux on x86-64")
 

@@ -7,7 +7,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from envfarm.curve import ZapHandler, secure_client, secure_server
+from envfarm.transport.curve import ZapHandler, secure_client, secure_server
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without Curve")
 

@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 
 import envfarm
-from envfarm.channel import SpinPolicy
+from envfarm.transport.channel import SpinPolicy
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -55,7 +55,7 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
         assert wait_until(lambda: all(_health(c) == "healthy" for c in containers), 60), "the workers' health checks did not pass"
         quota = subprocess.run(
             ["docker", "run", "--rm", "--cpus", "1", "--entrypoint", "python3", "envfarm:latest", "-c",
-             "import os; from envfarm.cpus import available_cpus; print(available_cpus(), os.cpu_count())"],
+             "import os; from envfarm.transport.cpus import available_cpus; print(available_cpus(), os.cpu_count())"],
             capture_output=True, text=True, timeout=120,
         )
         assert quota.stdout.split()[0] == "1", quota.stdout + quota.stderr  # the cgroup quota, not the host's cores

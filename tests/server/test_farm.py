@@ -198,7 +198,7 @@ def test_a_worker_refuses_ids_it_does_not_allow_even_if_asked_directly():
 
 
 def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
-    from envfarm.curve import keygen
+    from envfarm.transport.curve import keygen
 
     keygen(str(tmp_path), "broker")
     clients = tmp_path / "clients"

@@ -20,7 +20,7 @@ from farms import assert_serves, running_broker, start_farm, workers_of
 from polling import wait_until
 
 import envfarm
-from envfarm.curve import keygen
+from envfarm.transport.curve import keygen
 from envfarm.protocol import PROTOCOL_VERSION, pack, unpack
 from envfarm.protocol import messages as m
 

@@ -31,7 +31,9 @@ import platform
 import struct
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
+
+from envfarm.transport.segments import Segment
 
 _SYS_FUTEX = 202  # x86-64
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
@@ -150,26 +152,23 @@ def _aligned(size: int) -> int:
     return -(-size // _ALIGN) * _ALIGN
 
 
-NONCE_BYTES = 16
-
-
 class TrainerChannels:
     """The trainer's side: one shared buffer holding every local worker's pair of mailboxes.
 
-    `segment` is a shared-memory segment of at least `size(...)` bytes, with `.name` and a
-    writable `.buffer`; the trainer creates and unlinks it.
+    `segment` is a transport.segments.Segment of `size(...)` bytes; the trainer creates and
+    unlinks it.
     """
 
     @staticmethod
     def size(num_workers: int, request_capacity: int, reply_capacity: int) -> int:
-        return _layout(num_workers, request_capacity, reply_capacity)[1] + NONCE_BYTES
+        return _layout(num_workers, request_capacity, reply_capacity)[1]
 
-    def __init__(self, segment: Any, num_workers: int, request_capacity: int, reply_capacity: int, spin_seconds: float):
-        slots, self.size = _layout(num_workers, request_capacity, reply_capacity)
+    def __init__(self, segment: Segment, num_workers: int, request_capacity: int, reply_capacity: int, spin_seconds: float):
+        slots, size = _layout(num_workers, request_capacity, reply_capacity)
+        if segment.size < size:
+            raise ValueError(f"the channels of {num_workers} workers need a segment of {size} bytes, got {segment.size}")
         self.segment = segment
         buffer = memoryview(segment.buffer)
-        self.nonce = os.urandom(NONCE_BYTES)
-        buffer[self.size : self.size + NONCE_BYTES] = self.nonce
         self.slots = slots
         self.requests = [Mailbox(buffer, offset, request_capacity) for offset, _ in slots]
         self.replies = [Mailbox(buffer, offset, reply_capacity) for _, offset in slots]
@@ -180,7 +179,7 @@ class TrainerChannels:
     def descriptor(self, worker: int) -> dict:
         request, reply = self.slots[worker]
         return {
-            "name": self.segment.name, "size": self.size, "nonce": self.nonce, "worker": worker,
+            **self.segment.descriptor(), "worker": worker,
             "request": [request, self.requests[worker].capacity], "reply": [reply, self.replies[worker].capacity],
         }
 
