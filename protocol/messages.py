@@ -53,7 +53,7 @@ from typing import Any
 
 from envfarm.protocol.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: infos batched by key (protocol/infos.py), step records on the channel
 WORKER_PREFIX, TRAINER_PREFIX = b"W", b"T"
 HEARTBEAT_FRAME = b""  # a trainer's heartbeat to the broker
 HEARTBEAT_INTERVAL = 1.0

@@ -149,6 +149,9 @@ class _Encoder:
             return dict(obj)
         if self.allow_pickle:
             return _ext((EXT_PICKLE, cloudpickle.dumps(obj)))
+        if type(obj) is int:  # msgpack hands over only the ints it cannot carry
+            raise TypeError(f"cannot send the integer {obj if obj.bit_length() <= 256 else '...'} over an untrusted link: "
+                            "msgpack carries integers of at most 64 bits (send it as a string or bytes)")
         raise TypeError(
             f"cannot send a value of type {type(obj).__qualname__} over an untrusted link: "
             "use numbers, strings, bytes, lists, tuples, dicts and numpy arrays"

@@ -598,3 +598,9 @@ def test_random_array_ext_payloads_decode_consistently_or_raise_protocol_error(p
 def test_default_limits_are_the_module_defaults():
     assert DEFAULT_LIMITS == Limits()
     assert DEFAULT_LIMITS.max_ndim >= 8 and DEFAULT_LIMITS.max_frames >= 1024
+
+
+def test_an_integer_over_64_bits_is_refused_naming_the_cause():
+    # e.g. Gymnasium's np_random_seed of an unseeded env: 128 bits of entropy
+    with pytest.raises(TypeError, match="integers of at most 64 bits"):
+        pack({"value": 2**100})
