@@ -545,6 +545,8 @@ class Router:
             self._malformed(worker, e, pending)
             return
         worker.last_heard = time.monotonic()  # any reply is life, a late one too
+        if message["kind"] == m.ERROR and message["rid"] == 0 and worker in pending and pending[worker] != 0:
+            message = {**message, "rid": pending[worker]}  # it could not read the request it was sent: that request failed
         if pending.get(worker) != message["rid"]:  # a late reply to an abandoned request
             return
         if message["kind"] == m.HELLO:

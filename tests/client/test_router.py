@@ -102,3 +102,22 @@ def test_a_worker_is_gone_only_when_both_its_connections_are(router, context):
     socket.close(linger=0)  # now nothing of it is left
     with pytest.raises(WorkerDiedError, match="lost its connection"):
         router.collect({worker: 1}, 5.0, wait_all=True)
+
+
+def test_a_worker_that_could_not_read_its_request_fails_that_request_instead_of_leaving_it_waiting(router, context):
+    # A worker answers a request it cannot decode with an ERROR of rid 0 (it cannot know the rid):
+    # that is the answer to what was asked of it, not a stale reply to drop while waiting forever.
+    from envfarm.protocol.errors import ErrorInfo, ProtocolError
+    from envfarm.protocol.packing import pack
+
+    identity = m.WORKER_PREFIX + b"\x09" * 15
+    worker = WorkerHandle(0, identity, range(0, 1), last_heard=time.monotonic(), connected=True, link=LINK)
+    router.add(worker)
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, identity)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(router.endpoint)
+    error = ErrorInfo.from_exception(ProtocolError("malformed message: not a map")).to_data()
+    socket.send_multipart(pack(m.make(m.ERROR, 0, error=error)))
+    replies = router.collect({worker: 42}, 5.0, wait_all=True)
+    assert replies[worker]["kind"] == m.ERROR and replies[worker]["rid"] == 42
