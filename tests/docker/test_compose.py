@@ -45,7 +45,9 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
     assert base.returncode == 0, base.stderr[-2000:]
     project, port = f"eftest{os.getpid()}", str(20000 + os.getpid() % 20000)
     # The workers run as this user, so that the trainer here shares memory with them.
-    environment = {"ENVFARM_BASE": base.stdout.strip(), "ENVFARM_OFFLINE": "1", "ENVFARM_PORT": port, "ENVFARM_UID": str(os.getuid())}
+    # An image tag of its own: a test must not overwrite (or remove) the user's envfarm:latest.
+    image = f"envfarm-test-{os.getpid()}:latest"
+    environment = {"ENVFARM_BASE": base.stdout.strip(), "ENVFARM_OFFLINE": "1", "ENVFARM_PORT": port, "ENVFARM_UID": str(os.getuid()), "ENVFARM_IMAGE": image}
     broker = f"tcp://127.0.0.1:{port}"
     try:
         built = compose("up", "-d", "--build", "--scale", "worker=2")
@@ -54,7 +56,7 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
         containers = compose("ps", "-q", "worker").stdout.split()
         assert wait_until(lambda: all(_health(c) == "healthy" for c in containers), 60), "the workers' health checks did not pass"
         quota = subprocess.run(
-            ["docker", "run", "--rm", "--cpus", "1", "--entrypoint", "python3", "envfarm:latest", "-c",
+            ["docker", "run", "--rm", "--cpus", "1", "--entrypoint", "python3", image, "-c",
              "import os; from envfarm.transport.cpus import available_cpus; print(available_cpus(), os.cpu_count())"],
             capture_output=True, text=True, timeout=120,
         )
@@ -77,12 +79,14 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
         finally:
             envs.close()
     finally:
-        down = compose("down", "-v", "--remove-orphans")
+        down = compose("down", "-v", "--remove-orphans", "--rmi", "all")
         assert down.returncode == 0, down.stderr[-2000:]
+        subprocess.run(["docker", "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=envfarm"], capture_output=True)
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
     networks = subprocess.run(["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
     volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
-    assert left.stdout.strip() == networks.stdout.strip() == volumes.stdout.strip() == ""
+    images = subprocess.run(["docker", "images", "-q", image], capture_output=True, text=True)
+    assert left.stdout.strip() == networks.stdout.strip() == volumes.stdout.strip() == images.stdout.strip() == ""
 
 
 def _health(container: str) -> str:
