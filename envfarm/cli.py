@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _log_level_argument(broker)
     broker.add_argument("--bind", default="tcp://0.0.0.0:5555", help="endpoint for workers and trainers (default tcp://0.0.0.0:5555)")
     broker.add_argument("--dead-after", type=float, default=5.0, help="seconds of silence after which a worker is lost (default 5)")
+    broker.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics (workers, slots, leases, steps/s, restarts, lost workers)")
     broker.add_argument("--curve-secret", help="CurveZMQ: this broker's secret key file (envfarm keygen)")
     broker.add_argument(
         "--curve-clients",
@@ -160,12 +161,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"envfarm broker: {e}", file=sys.stderr)
             return 2
         print(f"envfarm broker on {broker.endpoint}", file=sys.stderr, flush=True)
+        metrics = None
+        if args.metrics:
+            from envfarm.server.metrics import serve_metrics
+
+            try:
+                metrics, port = serve_metrics(broker, args.metrics)
+            except (ValueError, OSError) as e:
+                print(f"envfarm broker: --metrics {args.metrics}: {e}", file=sys.stderr)
+                return 2
+            print(f"envfarm broker metrics on http://{args.metrics.rpartition(':')[0]}:{port}/metrics", file=sys.stderr, flush=True)
         _log_to_stderr(args.log_level)
         _stop_on_sigterm()
         try:
             broker.serve()
         except KeyboardInterrupt:
             pass
+        finally:
+            if metrics is not None:
+                metrics.shutdown()
         return 0
     if args.command == "worker":
         from envfarm.transport.cpus import available_cpus

@@ -27,6 +27,7 @@ register, trainers lease, release and ask STATUS, admins ask STATUS.
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import logging
 import functools
@@ -142,6 +143,7 @@ class Broker:
         self.workers: dict[bytes, RegisteredWorker] = {}
         self.trainers: dict[bytes, float] = {}  # trainers holding a lease: when each was last heard from
         self.trainer_keys: dict[bytes, str | None] = {}  # the key each of them is bound to (without Curve, None)
+        self.counts: collections.Counter[str] = collections.Counter()  # for the metrics (server/metrics.py)
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -217,9 +219,11 @@ class Broker:
     def _strike_off_silent(self, silent_since: float) -> None:
         for trainer in [t for t, last_seen in self.trainers.items() if last_seen < silent_since]:
             log.info("trainer %s silent for %g s: its lease ends", _short(trainer), self.dead_after)
+            self.counts["trainers_lost"] += 1
             self._release(trainer)  # it vanished (killed, or its host did): its workers go back to the pool
         for record in [r for r in self.workers.values() if r.last_seen < silent_since]:
             log.info("worker %s (%s, pid %d) silent for %g s: struck off", _short(record.identity), record.host, record.pid, self.dead_after)
+            self.counts["workers_lost"] += 1
             del self.workers[record.identity]
 
     def _from_worker(self, worker: bytes, frames: list[bytes], key: str | None) -> None:
@@ -247,6 +251,7 @@ class Broker:
                 self._adopt(record, lease, lessee, hello.get("trainer_key"))
         now = time.monotonic()
         record.steps_per_s = max(0, steps - record.steps) / max(now - record.last_seen, 1e-3)
+        self.counts["env_steps"] += max(0, steps - record.steps)
         record.steps = steps
         record.last_seen = now
         if record.lessee is not None:
@@ -283,6 +288,7 @@ class Broker:
             reply = self._control(trainer, m.check_control(message), peer_address, key)
         except Exception as exc:
             reply = m.make(m.ERROR, rid, error=ErrorInfo.from_exception(exc).to_data())
+            self.counts["refused"] += 1
             log.info("trainer %s: refused: %s", _short(trainer), f"{type(exc).__name__}: {exc}"[:300])
         self._send([trainer, b"", *pack(reply)])
 
@@ -336,6 +342,7 @@ class Broker:
             self._send([record.identity, *pack(join)])
         self.trainers[trainer] = time.monotonic()
         self.trainer_keys[trainer] = key  # the lease binds the identity to this key
+        self.counts["restarts" if message.get("add") else "leases"] += 1
         log.info("trainer %s leased %s for %d envs of %s%s", _short(trainer), ", ".join(f"{_short(r.identity)} ({r.host}, {r.slots} slots)" for r in leased),
                  message["envs"], env_id, " (a replacement)" if message.get("add") else "")
         workers = [[r.identity, r.slots, r.host, r.pid, r.key] for r in leased]

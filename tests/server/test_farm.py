@@ -655,3 +655,39 @@ def test_each_process_of_a_worker_has_its_own_alive_file_so_one_stuck_process_is
         finally:
             host.terminate()
             host.wait(10)
+
+
+def test_the_brokers_prometheus_metrics_count_workers_leases_steps_restarts_and_losses():
+    import urllib.request
+
+    from envfarm.server.metrics import serve_metrics
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("envfarm_")}
+
+    with start_farm(3, 2, dead_after=2.5) as (broker, processes):
+        server, port = serve_metrics(broker, "127.0.0.1:0")
+        try:
+            metrics = scrape()
+            assert (metrics["envfarm_workers"], metrics["envfarm_slots"], metrics["envfarm_slots_free"], metrics["envfarm_trainers"]) == (3, 6, 6, 0)
+            envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, on_failure="restart")
+            try:
+                envs.reset(seed=0)
+                for _ in range(300):
+                    envs.step(envs.action_space.sample())
+                leased = {record.pid for record in broker.workers.values() if record.lessee is not None}
+                assert wait_until(lambda: scrape()["envfarm_env_steps_total"] >= 600, 10), scrape()
+                metrics = scrape()
+                assert (metrics["envfarm_workers_leased"], metrics["envfarm_slots_free"], metrics["envfarm_trainers"], metrics["envfarm_leases_total"]) == (1, 4, 1, 1)
+                os.kill(leased.pop(), signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while "envfarm_restarted" not in envs.step(envs.action_space.sample())[4] and time.monotonic() < deadline:
+                    pass
+                assert wait_until(lambda: scrape()["envfarm_workers_lost_total"] == 1, 10), scrape()
+                assert scrape()["envfarm_restarts_total"] == 1
+            finally:
+                envs.close()
+            assert wait_until(lambda: scrape()["envfarm_trainers"] == 0, 10)
+        finally:
+            server.shutdown()
