@@ -17,8 +17,8 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import create_empty_array
 
-from envfarm.transport.segments import Segment
 from envfarm.protocol import spaces as space_codec
+from envfarm.transport.segments import Segment
 
 
 class BatchBuffer:
@@ -41,7 +41,9 @@ class BatchBuffer:
             array(region) if region is not None else _values(leaf, num_envs)
             for leaf, region in zip(space_codec.leaves(observation_space), layout["obs"])
         ]
-        self.actions: list[np.ndarray | None] = [None if region is None else array(region) for region in layout["actions"]]
+        self.actions: list[np.ndarray | None] = [
+            None if region is None else array(region) for region in layout["actions"]
+        ]
         self.rewards = array(layout["rewards"])
         self.terminations = array(layout["terminated"])
         self.truncations = array(layout["truncated"])
@@ -61,7 +63,11 @@ class BatchBuffer:
 
     def write_results(self, rows: slice | Sequence[int], reply: dict[str, Any]) -> None:
         """Stores rewards, terminations and truncations, unless already written in shared memory (None)."""
-        for name, array in (("rewards", self.rewards), ("terminated", self.terminations), ("truncated", self.truncations)):
+        for name, array in (
+            ("rewards", self.rewards),
+            ("terminated", self.terminations),
+            ("truncated", self.truncations),
+        ):
             if reply[name] is not None:
                 array[rows] = reply[name]
 
@@ -73,8 +79,10 @@ class BatchBuffer:
 
     def copy_from(self, other: BatchBuffer) -> None:
         """Takes every array's contents from another buffer of the same spaces and size."""
-        for mine, theirs in zip([*self.leaves, *self.actions, self.rewards, self.terminations, self.truncations],
-                                [*other.leaves, *other.actions, other.rewards, other.terminations, other.truncations]):
+        for mine, theirs in zip(
+            [*self.leaves, *self.actions, self.rewards, self.terminations, self.truncations],
+            [*other.leaves, *other.actions, other.rewards, other.terminations, other.truncations],
+        ):
             if isinstance(mine, np.ndarray):
                 mine[...] = theirs
             elif isinstance(mine, list):
@@ -83,14 +91,19 @@ class BatchBuffer:
     def batch(self, copy: bool) -> Any:
         """The batched observation, structured as Gymnasium's `concatenate` builds it."""
         if copy:
-            leaves = (leaf.copy() if isinstance(leaf, np.ndarray) else copy_module.deepcopy(tuple(leaf)) for leaf in self.leaves)
+            leaves = (
+                leaf.copy() if isinstance(leaf, np.ndarray) else copy_module.deepcopy(tuple(leaf))
+                for leaf in self.leaves
+            )
         else:
             leaves = (leaf if isinstance(leaf, np.ndarray) else tuple(leaf) for leaf in self.leaves)
         return space_codec.join(self.space, leaves)
 
     def rows(self, env_ids: Sequence[int]) -> Any:
         """A new batch holding the observations of these envs, in this order."""
-        leaves = (leaf[env_ids] if isinstance(leaf, np.ndarray) else tuple(leaf[i] for i in env_ids) for leaf in self.leaves)
+        leaves = (
+            leaf[env_ids] if isinstance(leaf, np.ndarray) else tuple(leaf[i] for i in env_ids) for leaf in self.leaves
+        )
         return space_codec.join(self.space, leaves)
 
     def close(self) -> None:

@@ -23,13 +23,13 @@ from typing import Any, Iterator
 
 import zmq
 
-from envfarm.transport.channel import TrainerChannels
-from envfarm.transport.curve import KeyPair, secure_client, secure_server
-from envfarm.transport.sockets import keep_alive
 from envfarm.client.errors import WorkerDiedError
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ProtocolError
 from envfarm.protocol.packing import pack, unpack
+from envfarm.transport.channel import TrainerChannels
+from envfarm.transport.curve import KeyPair, secure_client, secure_server
+from envfarm.transport.sockets import keep_alive
 
 
 @dataclass(eq=False)
@@ -48,7 +48,9 @@ class WorkerHandle:
     dead: str = ""  # why, once it is known to be gone
     last_heard: float = 0.0  # a farm worker: when its last message or heartbeat arrived
     connected: bool = False  # it said HELLO on this trainer's socket
-    requests_sent: int = 0  # on the socket, to a farm worker: its probes carry the count, its heartbeats say how many it read
+    requests_sent: int = (
+        0  # on the socket, to a farm worker: its probes carry the count, its heartbeats say how many it read
+    )
     link: int | None = None  # a farm worker: the token of its data connection, from its HELLO
     lost_request: bool = False  # its heartbeat proved a request lost; the verdict is being given
 
@@ -159,7 +161,15 @@ def farm_endpoint(broker: str, listen: str | None) -> tuple[str, str]:
 class Router:
     """Sends requests to workers by ownership and gathers their replies by request id."""
 
-    def __init__(self, endpoint: str, *, trusted: bool, broker: str | None = None, advertise: str | None = None, curve: tuple[KeyPair, bytes] | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        trusted: bool,
+        broker: str | None = None,
+        advertise: str | None = None,
+        curve: tuple[KeyPair, bytes] | None = None,
+    ):
         """A ROUTER bound at `endpoint` that workers connect to. With `broker`, a farm trainer:
         a DEALER to the broker for leases (and a heartbeat thread), and workers reach the ROUTER
         at `advertise` (host) and its port. `curve`: (this trainer's keys, the broker's public
@@ -191,7 +201,9 @@ class Router:
                 self.socket.setsockopt(zmq.RCVHWM, _FARM_RECEIVE_QUEUE)
                 keep_alive(self.socket)
             if self.server_key is not None:
-                self._authenticator = secure_server(self.context, self.socket, curve[0], self._admits, wait=_ADMISSION_WAIT)
+                self._authenticator = secure_server(
+                    self.context, self.socket, curve[0], self._admits, wait=_ADMISSION_WAIT
+                )
             self.socket.bind(endpoint)
             self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
             if advertise is not None:
@@ -277,7 +289,11 @@ class Router:
         return WorkerDiedError(f"envfarm {worker.describe()} {worker.dead}; its envs are lost", worker)
 
     def ask(
-        self, kind: str, requests: dict[WorkerHandle, dict[str, Any]], timeout: float | None, lost: list[WorkerHandle] | None = None
+        self,
+        kind: str,
+        requests: dict[WorkerHandle, dict[str, Any]],
+        timeout: float | None,
+        lost: list[WorkerHandle] | None = None,
     ) -> dict[WorkerHandle, dict[str, Any]]:
         """Sends each worker its request of `kind` (the fields given), then waits for every reply.
         Given a `lost` list, a worker found gone (when sent to, or while waited for) is put there
@@ -294,7 +310,9 @@ class Router:
             expected[worker] = rid
         return self.collect(expected, timeout, wait_all=True, lost=lost)
 
-    def gather(self, rid: int, workers: list[WorkerHandle], timeout: float | None) -> dict[WorkerHandle, dict[str, Any]]:
+    def gather(
+        self, rid: int, workers: list[WorkerHandle], timeout: float | None
+    ) -> dict[WorkerHandle, dict[str, Any]]:
         """Waits for the reply with id `rid` from each of `workers`.
 
         Raises multiprocessing.TimeoutError after `timeout` seconds (None: no limit), and
@@ -303,7 +321,11 @@ class Router:
         return self.collect({worker: rid for worker in workers}, timeout, wait_all=True)
 
     def collect(
-        self, expected: dict[WorkerHandle, int], timeout: float | None, wait_all: bool, lost: list[WorkerHandle] | None = None
+        self,
+        expected: dict[WorkerHandle, int],
+        timeout: float | None,
+        wait_all: bool,
+        lost: list[WorkerHandle] | None = None,
     ) -> dict[WorkerHandle, dict[str, Any]]:
         """Waits for each worker's reply to the request id `expected[worker]`: for all of them, or
         (wait_all=False) for at least one. Any other reply is stale and dropped.
@@ -326,7 +348,14 @@ class Router:
                 if not pending:
                     return replies
 
-    def _collect_once(self, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]], deadline: float | None, timeout: float | None, wait_all: bool) -> bool:
+    def _collect_once(
+        self,
+        pending: dict[WorkerHandle, int],
+        replies: dict[WorkerHandle, dict[str, Any]],
+        deadline: float | None,
+        timeout: float | None,
+        wait_all: bool,
+    ) -> bool:
         """One look at every source of replies, and one wait; True when the collection is complete."""
         for worker in pending:
             if worker.dead:
@@ -354,7 +383,9 @@ class Router:
         if on_channel:
             # Replies ring a futex; the socket (a reply too large for its slot) and the worker
             # processes are looked at between short sleeps.
-            rang = self.channels.wait(on_channel, _CHANNEL_SLICE if remaining is None else min(remaining, _CHANNEL_SLICE))
+            rang = self.channels.wait(
+                on_channel, _CHANNEL_SLICE if remaining is None else min(remaining, _CHANNEL_SLICE)
+            )
             # A poll is a syscall: skipped when a channel rang for a wait on channels only, unless a
             # reply comes on the socket. A process's exit is seen within a slice all the same.
             if rang and len(on_channel) == len(pending) and not self._reply_on_socket:
@@ -368,7 +399,12 @@ class Router:
         self._check_silence(pending, replies)
         return False
 
-    def _dispatch(self, events: list[tuple[Any, int]], pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+    def _dispatch(
+        self,
+        events: list[tuple[Any, int]],
+        pending: dict[WorkerHandle, int],
+        replies: dict[WorkerHandle, dict[str, Any]],
+    ) -> None:
         for fd, _ in events:
             if fd is self.socket:
                 self._drain(pending, replies)
@@ -405,7 +441,9 @@ class Router:
                 # Behind every request sent before it: the worker's heartbeat says whether one was
                 # lost. Gone only if its heartbeat connection is gone too: a killed process loses
                 # both at once, while a data connection being remade after a reset is not a death.
-                if not self._reaches(worker.identity, m.trainer_probe(worker.requests_sent, pending[worker])) and not self._reaches(worker.identity + m.HEARTBEAT_SUFFIX, b""):
+                if not self._reaches(
+                    worker.identity, m.trainer_probe(worker.requests_sent, pending[worker])
+                ) and not self._reaches(worker.identity + m.HEARTBEAT_SUFFIX, b""):
                     verdict = _DISCONNECTED
             if verdict:
                 self._last_look(pending, replies)
@@ -472,7 +510,13 @@ class Router:
             if not pending:
                 return
 
-    def _worker_heartbeat(self, identity: bytes, frame: bytes, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+    def _worker_heartbeat(
+        self,
+        identity: bytes,
+        frame: bytes,
+        pending: dict[WorkerHandle, int],
+        replies: dict[WorkerHandle, dict[str, Any]],
+    ) -> None:
         """A farm worker's heartbeat: life, and whether a request sent to it was lost on the way.
 
         Its counts are read only on the connection whose HELLO this trainer took (the same `link`):
@@ -538,7 +582,13 @@ class Router:
         if worker in pending:
             raise self._died(worker) from None
 
-    def _accept(self, worker: WorkerHandle, message: dict[str, Any], pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+    def _accept(
+        self,
+        worker: WorkerHandle,
+        message: dict[str, Any],
+        pending: dict[WorkerHandle, int],
+        replies: dict[WorkerHandle, dict[str, Any]],
+    ) -> None:
         try:
             m.check(message)
         except ProtocolError as e:
@@ -546,7 +596,10 @@ class Router:
             return
         worker.last_heard = time.monotonic()  # any reply is life, a late one too
         if message["kind"] == m.ERROR and message["rid"] == 0 and worker in pending and pending[worker] != 0:
-            message = {**message, "rid": pending[worker]}  # it could not read the request it was sent: that request failed
+            message = {
+                **message,
+                "rid": pending[worker],
+            }  # it could not read the request it was sent: that request failed
         if pending.get(worker) != message["rid"]:  # a late reply to an abandoned request
             return
         if message["kind"] == m.HELLO:
@@ -555,7 +608,9 @@ class Router:
         replies[worker] = message
         del pending[worker]
 
-    def _on_exit(self, sentinel: int, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]) -> None:
+    def _on_exit(
+        self, sentinel: int, pending: dict[WorkerHandle, int], replies: dict[WorkerHandle, dict[str, Any]]
+    ) -> None:
         """A local worker process has exited: fail the wait if its reply is still owed."""
         worker = self._sentinels.pop(sentinel)
         self.poller.unregister(sentinel)

@@ -61,7 +61,12 @@ class SendRecv:
         self._in_flight: dict[WorkerHandle, tuple[int, str, list[int]]] = {}
         self._queued: dict[WorkerHandle, list[tuple[str, dict[str, Any]]]] = collections.defaultdict(list)
 
-    def async_reset(self, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None, env_ids: Sequence[int] | None = None) -> None:
+    def async_reset(
+        self,
+        seed: int | list[int | None] | None = None,
+        options: dict[str, Any] | None = None,
+        env_ids: Sequence[int] | None = None,
+    ) -> None:
         """Resets the envs `env_ids` (default: all); their first observations come from `recv`.
 
         Args:
@@ -79,7 +84,9 @@ class SendRecv:
             seeds = list(seed)
         by_env = dict(zip(ids, seeds))
         for worker, worker_ids in self._by_worker(ids):
-            self._submit(worker, m.RESET, {"envs": worker_ids, "seeds": [by_env[i] for i in worker_ids], "options": options})
+            self._submit(
+                worker, m.RESET, {"envs": worker_ids, "seeds": [by_env[i] for i in worker_ids], "options": options}
+            )
 
     def send(self, actions: Any, env_ids: Sequence[int] | np.ndarray) -> None:
         """Steps the envs `env_ids` with `actions` (a batch of `len(env_ids)` actions, row j for env_ids[j]).
@@ -95,7 +102,9 @@ class SendRecv:
         leaves = self._action_leaves(actions, len(ids))
         if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs[ids].any():
             ended = [i for i in ids if self._autoreset_envs[i]]
-            raise ResetNeeded(f"envs {ended} terminated or truncated and autoreset_mode is DISABLED: async_reset them before sending actions")
+            raise ResetNeeded(
+                f"envs {ended} terminated or truncated and autoreset_mode is DISABLED: async_reset them before sending actions"
+            )
         # Shared-memory workers read row i of the batch buffer for env i; the others get their rows sent.
         self._buffer.write_actions(ids, leaves)
         row_of = {env_id: row for row, env_id in enumerate(ids)}
@@ -132,7 +141,13 @@ class SendRecv:
                 self._ready.appendleft(i)
             for i in failed:
                 self._env_status[i] = IDLE
-            self._raise_errors([(worker, {"kind": m.RESULT, "errors": [[i, self._ready_errors.pop(i)]]}) for i in failed for worker in [self._owner(i)]])
+            self._raise_errors(
+                [
+                    (worker, {"kind": m.RESULT, "errors": [[i, self._ready_errors.pop(i)]]})
+                    for i in failed
+                    for worker in [self._owner(i)]
+                ]
+            )
         self._env_status[ids] = IDLE
         batch = _InfoBatch(len(ids))
         infos: dict[str, Any] = {}
@@ -157,7 +172,10 @@ class SendRecv:
 
     def _idle_ids(self, env_ids: Sequence[int] | np.ndarray, call: str) -> list[int]:
         if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(f"Calling `{call}` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value))
+            raise AlreadyPendingCallError(
+                f"Calling `{call}` while waiting for a pending call to `{self._state.value}` to complete.",
+                str(self._state.value),
+            )
         ids = [int(i) for i in np.asarray(env_ids).reshape(-1)]
         if not ids:
             raise ValueError(f"{call}() needs at least one env id")
@@ -211,7 +229,12 @@ class SendRecv:
         _, kind, env_ids = self._in_flight.pop(worker)
         if reply["kind"] == m.ERROR:
             errors = [[i, reply["error"]] for i in env_ids]
-            reply = {"envs": env_ids, "obs": [None] * len(self._buffer.leaves), "infos": [{}] * len(env_ids), "errors": errors}
+            reply = {
+                "envs": env_ids,
+                "obs": [None] * len(self._buffer.leaves),
+                "infos": [{}] * len(env_ids),
+                "errors": errors,
+            }
         else:
             errors = reply["errors"]
             self._buffer.write(env_ids, reply["obs"])
@@ -232,4 +255,3 @@ class SendRecv:
             kind, fields = self._queued[worker].pop(0)
             self._env_status[fields["envs"]] = IDLE  # _submit marks them running again
             self._submit(worker, kind, fields)
-

@@ -36,21 +36,21 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
-from envfarm.transport.channel import TrainerChannels
-from envfarm.transport.channel import available as channel_available
+from envfarm.client.batch_buffer import BatchBuffer, takes_unchanged
 from envfarm.client.errors import FarmError, WorkerDiedError, rebuild
 from envfarm.client.launch import partition, start_local_workers
-from envfarm.transport.cpus import available_cpus
-from envfarm.client.batch_buffer import BatchBuffer, takes_unchanged
-from envfarm.transport.segments import Segment
 from envfarm.client.router import Router, WorkerHandle, farm_endpoint
-from envfarm.transport.curve import load_key_pair, load_public_key
 from envfarm.client.send_recv import SendRecv
 from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo
 from envfarm.server import RequestHandler
+from envfarm.transport.channel import TrainerChannels
+from envfarm.transport.channel import available as channel_available
+from envfarm.transport.cpus import available_cpus
+from envfarm.transport.curve import load_key_pair, load_public_key
+from envfarm.transport.segments import Segment
 
 DEFAULT_CLOSE_TIMEOUT = 5.0
 RESTARTS_PER_MINUTE = 5
@@ -66,7 +66,16 @@ DEFAULT_STARTUP_TIMEOUT = 120.0
 CONNECT_TIMEOUT = 15.0  # seconds a leased farm worker has to connect to the trainer (it takes milliseconds)
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
 # Gymnasium's own leaf spaces; any other is a custom space, carried as values (pickled, locally).
-_STANDARD_LEAVES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary, spaces.Text, spaces.Graph, spaces.Sequence, spaces.OneOf)
+_STANDARD_LEAVES = (
+    spaces.Box,
+    spaces.Discrete,
+    spaces.MultiDiscrete,
+    spaces.MultiBinary,
+    spaces.Text,
+    spaces.Graph,
+    spaces.Sequence,
+    spaces.OneOf,
+)
 
 
 class FarmVectorEnv(SendRecv, VectorEnv):
@@ -152,18 +161,24 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self.context = context
         self.daemon = daemon
         self.observation_mode = observation_mode
-        self.autoreset_mode = autoreset_mode if isinstance(autoreset_mode, AutoresetMode) else AutoresetMode(autoreset_mode)
+        self.autoreset_mode = (
+            autoreset_mode if isinstance(autoreset_mode, AutoresetMode) else AutoresetMode(autoreset_mode)
+        )
         self.max_concurrency = max_concurrency
         self.num_workers = _worker_count(self.num_envs, num_workers, envs_per_worker, max_concurrency)
         self.inline_worker = inline_worker
         self.broker = broker
         if broker is not None and (remote_env is None or inline_worker):
-            raise ValueError("a farm (broker=...) builds registered envs by id: use envfarm.make_vec(env_id, n, broker=...), without inline_worker")
+            raise ValueError(
+                "a farm (broker=...) builds registered envs by id: use envfarm.make_vec(env_id, n, broker=...), without inline_worker"
+            )
         self._remote_env = remote_env
         if on_failure not in ("raise", "restart"):
             raise ValueError(f"on_failure must be 'raise' or 'restart', got {on_failure!r}")
         if on_failure == "restart" and broker is None:
-            raise ValueError("on_failure='restart' needs a farm (broker=...): a local worker's death is a bug to see, not to hide")
+            raise ValueError(
+                "on_failure='restart' needs a farm (broker=...): a local worker's death is a bug to see, not to hide"
+            )
         self.on_failure = on_failure
         self._restarts: collections.deque[float] = collections.deque()
 
@@ -203,13 +218,17 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             remote_blocks = blocks[:-1] if self.inline_worker else blocks
             self._workers.extend(start_local_workers(self._router.endpoint, remote_blocks, self.context, self.daemon))
             if self.inline_worker:
-                self._workers.append(WorkerHandle(len(remote_blocks), b"", blocks[-1], inline=RequestHandler(trusted=True)))
+                self._workers.append(
+                    WorkerHandle(len(remote_blocks), b"", blocks[-1], inline=RequestHandler(trusted=True))
+                )
             for worker in self._workers:
                 self._router.add(worker)
         self.num_workers = len(self._workers)
         self._await_hellos([w for w in self._workers if w.inline is None], timeout)
 
-        created = self._replies(self._router.ask(m.CREATE, {worker: self._create_fields(worker) for worker in self._workers}, timeout))
+        created = self._replies(
+            self._router.ask(m.CREATE, {worker: self._create_fields(worker) for worker in self._workers}, timeout)
+        )
         self._raise_errors(created)
         obs_spaces, action_spaces = [], []
         for _, reply in created:
@@ -221,27 +240,40 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self.metadata["autoreset_mode"] = self.autoreset_mode
         self.render_mode = first["render_mode"]
         self._set_spaces(obs_spaces, action_spaces)
-        if self.shared_memory and any(not isinstance(leaf, _STANDARD_LEAVES) for leaf in space_codec.leaves(self.single_observation_space)):
+        if self.shared_memory and any(
+            not isinstance(leaf, _STANDARD_LEAVES) for leaf in space_codec.leaves(self.single_observation_space)
+        ):
             raise ValueError(  # AsyncVectorEnv's words: Gymnasium cannot put a custom space in shared memory either
                 "Using `AsyncVector(..., shared_memory=True)` caused an error, you can disable this feature with `shared_memory=False` however this is slower."
             )
 
-        buffer = BatchBuffer(self.single_observation_space, self.single_action_space, self.num_envs, shared=self.shared_memory)
+        buffer = BatchBuffer(
+            self.single_observation_space, self.single_action_space, self.num_envs, shared=self.shared_memory
+        )
         self._segments.append(buffer)
         channels = self._make_channels() if self.shared_memory else None
         if buffer.descriptor is None and channels is None:
             return
         requests = {}
         for worker in self._workers:
-            channel = None if channels is None or worker.inline is not None else {**channels.descriptor(worker.index), "spin": WORKER_SPIN_SECONDS}
+            channel = (
+                None
+                if channels is None or worker.inline is not None
+                else {**channels.descriptor(worker.index), "spin": WORKER_SPIN_SECONDS}
+            )
             requests[worker] = {"obs": buffer.descriptor, "channel": channel}
         for worker, reply in self._replies(self._router.ask(m.ATTACH, requests, timeout)):
             attached = reply["kind"] == m.ATTACHED
             worker.shared_memory = attached and reply["obs"]
             worker.channel = attached and reply["channel"]
             # Only a local worker is expected to share memory; a farm worker on another host is not.
-            if worker.process is not None and ((buffer.descriptor is not None and not worker.shared_memory) or (channels is not None and not worker.channel)):
-                logger.warn(f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket")
+            if worker.process is not None and (
+                (buffer.descriptor is not None and not worker.shared_memory)
+                or (channels is not None and not worker.channel)
+            ):
+                logger.warn(
+                    f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket"
+                )
         if channels is not None:
             self._router.use_channels(channels)
 
@@ -274,7 +306,13 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     def _lease(self, num_envs: int, timeout: float, first_index: int = 0, add: bool = False) -> list[WorkerHandle]:
         """Leases farm workers for `num_envs` envs and gives each a contiguous block of them, up to
         its slots; the broker tells them to connect to this trainer, and each will say HELLO."""
-        lease = {"envs": num_envs, "env_id": self._remote_env["env_id"], "endpoint": self._router.endpoint, "server_key": self._router.server_key, "add": add}
+        lease = {
+            "envs": num_envs,
+            "env_id": self._remote_env["env_id"],
+            "endpoint": self._router.endpoint,
+            "server_key": self._router.server_key,
+            "add": add,
+        }
         try:
             reply = self._router.ask(m.LEASE, {self._broker: lease}, timeout)[self._broker]
         except multiprocessing.TimeoutError:
@@ -289,7 +327,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             block = range(start, min(start + slots, first_index + num_envs))
             if key is not None:
                 self._router.admit(key)
-            worker = WorkerHandle(len(self._workers) + len(workers), identity, block, pid=pid, host=host, last_heard=time.monotonic())
+            worker = WorkerHandle(
+                len(self._workers) + len(workers), identity, block, pid=pid, host=host, last_heard=time.monotonic()
+            )
             workers.append(worker)
             self._router.add(worker)
             start = block.stop
@@ -315,7 +355,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         if isinstance(mode, tuple) and len(mode) == 2:
             if not isinstance(mode[0], Space) or not isinstance(mode[1], Space):
-                raise TypeError(f"Expected both elements of observation_mode to be Spaces, got {type(mode[0])} and {type(mode[1])}")
+                raise TypeError(
+                    f"Expected both elements of observation_mode to be Spaces, got {type(mode[0])} and {type(mode[1])}"
+                )
             self.observation_space, self.single_observation_space = mode
         elif mode == "same":
             self.single_observation_space = obs_spaces[0]
@@ -360,7 +402,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         """The worker processes (each hosts a block of envs, unlike AsyncVectorEnv's one per env)."""
         return [worker.process for worker in self._workers if worker.process is not None]
 
-    def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         """Resets the sub-environments (all, or those in `options["reset_mask"]`) and returns the batch.
 
         Args:
@@ -379,10 +423,13 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         elif isinstance(seed, int):
             seed = [seed + i for i in range(self.num_envs)]
         if len(seed) != self.num_envs:
-            raise ValueError(f"If seeds are passed as a list the length must match num_envs={self.num_envs} but got length={len(seed)}.")
+            raise ValueError(
+                f"If seeds are passed as a list the length must match num_envs={self.num_envs} but got length={len(seed)}."
+            )
         if self._state != AsyncState.DEFAULT:
             raise AlreadyPendingCallError(
-                f"Calling `reset_async` while waiting for a pending call to `{self._state.value}` to complete", str(self._state.value)
+                f"Calling `reset_async` while waiting for a pending call to `{self._state.value}` to complete",
+                str(self._state.value),
             )
         self._assert_no_send_recv("reset_async")
         reset_mask = None
@@ -405,7 +452,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         """
         self._assert_is_running()
         if self._state != AsyncState.WAITING_RESET:
-            raise NoAsyncCallError("Calling `reset_wait` without any prior call to `reset_async`.", AsyncState.WAITING_RESET.value)
+            raise NoAsyncCallError(
+                "Calling `reset_wait` without any prior call to `reset_async`.", AsyncState.WAITING_RESET.value
+            )
         replies = self._wait("reset_wait", timeout)
         infos: dict[str, Any] = {}
         for _, reply in replies:
@@ -413,7 +462,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 continue
             env_ids = reply["envs"]
             self._buffer.write(env_ids, reply["obs"])
-            self._buffer.terminations[env_ids] = self._buffer.truncations[env_ids] = self._autoreset_envs[env_ids] = False
+            self._buffer.terminations[env_ids] = self._buffer.truncations[env_ids] = self._autoreset_envs[env_ids] = (
+                False
+            )
             infos = info_codec.add_block(infos, reply["infos"], env_ids, self.num_envs)
         self._raise_errors(replies)
         return self._buffer.batch(self.copy), infos
@@ -436,7 +487,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self._assert_is_running()
         if self._state != AsyncState.DEFAULT:
             raise AlreadyPendingCallError(
-                f"Calling `step_async` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
+                f"Calling `step_async` while waiting for a pending call to `{self._state.value}` to complete.",
+                str(self._state.value),
             )
         self._assert_no_send_recv("step_async")
         leaves = self._action_leaves(actions, self.num_envs)
@@ -458,13 +510,19 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         try:
             leaves = space_codec.split(self.single_action_space, actions)
         except (KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"actions do not match action_space {self.action_space}: {type(e).__name__}: {e}") from None
+            raise ValueError(
+                f"actions do not match action_space {self.action_space}: {type(e).__name__}: {e}"
+            ) from None
         checked = []
         for space, leaf in zip(space_codec.leaves(self.single_action_space), leaves):
             if space_codec.is_fixed(space):
                 leaf = np.asarray(leaf)
-                if leaf.ndim == 0 and count > 0 and not leaf.dtype.hasobject:  # SyncVectorEnv fails on it with a TypeError too
-                    raise TypeError(f"actions must be a batch with one row per env ({count}), got the scalar {leaf.item()!r:.100}")
+                if (
+                    leaf.ndim == 0 and count > 0 and not leaf.dtype.hasobject
+                ):  # SyncVectorEnv fails on it with a TypeError too
+                    raise TypeError(
+                        f"actions must be a batch with one row per env ({count}), got the scalar {leaf.item()!r:.100}"
+                    )
                 if leaf.shape != (count, *space.shape) or leaf.dtype.hasobject:
                     raise ValueError(
                         f"actions for {space} must be an array of shape {(count, *space.shape)} "
@@ -478,7 +536,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     def _action_payload(self, worker: WorkerHandle, leaves: list[Any], rows: slice | list[int]) -> list[Any]:
         """A worker's rows of each action leaf; None where it reads them from the shared batch buffer."""
         return [
-            None if worker.shared_memory and takes_unchanged(shared, leaf) else (leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[i] for i in _indices(rows, len(leaf))])
+            None
+            if worker.shared_memory and takes_unchanged(shared, leaf)
+            else (leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[i] for i in _indices(rows, len(leaf))])
             for leaf, shared in zip(leaves, self._buffer.actions)
         ]
 
@@ -493,7 +553,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         """
         self._assert_is_running()
         if self._state != AsyncState.WAITING_STEP:
-            raise NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`.", AsyncState.WAITING_STEP.value)
+            raise NoAsyncCallError(
+                "Calling `step_wait` without any prior call to `step_async`.", AsyncState.WAITING_STEP.value
+            )
         replies = self._wait("step_wait", timeout)
         infos: dict[str, Any] = {}
         for worker, reply in replies:
@@ -506,7 +568,13 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         buffer = self._buffer
         self._autoreset_envs = buffer.terminations | buffer.truncations
         self._raise_errors(replies)
-        return buffer.batch(self.copy), buffer.rewards.copy(), buffer.terminations.copy(), buffer.truncations.copy(), infos
+        return (
+            buffer.batch(self.copy),
+            buffer.rewards.copy(),
+            buffer.terminations.copy(),
+            buffer.truncations.copy(),
+            infos,
+        )
 
     # ----------------------------------------------------------------- call, attributes, render
 
@@ -524,18 +592,25 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self._assert_is_running()
         if self._state != AsyncState.DEFAULT:
             raise AlreadyPendingCallError(
-                f"Calling `call_async` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
+                f"Calling `call_async` while waiting for a pending call to `{self._state.value}` to complete.",
+                str(self._state.value),
             )
         self._assert_no_send_recv("call_async")
         if name in _CALL_RESERVED:
             raise ValueError(f"Trying to call function `{name}` with `call`, use `{name}` directly instead.")
-        self._send(m.CALL, {worker: {"name": name, "args": list(args), "kwargs": kwargs} for worker in self._workers}, AsyncState.WAITING_CALL)
+        self._send(
+            m.CALL,
+            {worker: {"name": name, "args": list(args), "kwargs": kwargs} for worker in self._workers},
+            AsyncState.WAITING_CALL,
+        )
 
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
         """Waits for the calls sent by `call_async` and returns one result per env."""
         self._assert_is_running()
         if self._state != AsyncState.WAITING_CALL:
-            raise NoAsyncCallError("Calling `call_wait` without any prior call to `call_async`.", AsyncState.WAITING_CALL.value)
+            raise NoAsyncCallError(
+                "Calling `call_wait` without any prior call to `call_async`.", AsyncState.WAITING_CALL.value
+            )
         replies = self._wait("call_wait", timeout)
         self._raise_errors(replies)
         return tuple(value for _, reply in replies for value in reply["values"])
@@ -556,10 +631,14 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             )
         if self._state != AsyncState.DEFAULT:
             raise AlreadyPendingCallError(
-                f"Calling `set_attr` while waiting for a pending call to `{self._state.value}` to complete.", str(self._state.value)
+                f"Calling `set_attr` while waiting for a pending call to `{self._state.value}` to complete.",
+                str(self._state.value),
             )
         self._assert_no_send_recv("set_attr")
-        requests = {worker: {"name": name, "values": list(values[worker.env_ids.start : worker.env_ids.stop])} for worker in self._workers}
+        requests = {
+            worker: {"name": name, "values": list(values[worker.env_ids.start : worker.env_ids.stop])}
+            for worker in self._workers
+        }
         self._send(m.SET_ATTR, requests, AsyncState.WAITING_CALL)
         self._raise_errors(self._wait("set_attr", None))
 
@@ -586,7 +665,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         if self._state != AsyncState.DEFAULT:
             rid, targets = self._pending
             self._router.gather(rid, targets, timeout)
-        for worker, reply in self._replies(self._router.ask(m.CLOSE, {worker: {} for worker in self._workers}, timeout)):
+        for _, reply in self._replies(self._router.ask(m.CLOSE, {worker: {} for worker in self._workers}, timeout)):
             for env_id, error in reply.get("errors", []):
                 logger.warn(f"envfarm: env {env_id} raised in close(): {ErrorInfo.from_data(error).message}")
         if self._broker is not None:  # the workers are free for other trainers
@@ -629,7 +708,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         restart = self.on_failure == "restart" and name in ("step_wait", "reset_wait")
         lost: list[WorkerHandle] = []
         try:
-            replies = self._router.collect({worker: rid for worker in targets}, timeout, wait_all=True, lost=lost if restart else None)
+            replies = self._router.collect(
+                {worker: rid for worker in targets}, timeout, wait_all=True, lost=lost if restart else None
+            )
             if any(worker.shared_memory for worker in lost):
                 lost += self._fence(lost)
             for worker in lost:
@@ -637,7 +718,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 targets = [replacement if target is worker else target for target in targets]
                 replies[replacement] = reply if name == "reset_wait" else _truncated_by_restart(reply)
         except multiprocessing.TimeoutError:
-            raise multiprocessing.TimeoutError(f"The call to `{name}` has timed out after {timeout} second(s).") from None
+            raise multiprocessing.TimeoutError(
+                f"The call to `{name}` has timed out after {timeout} second(s)."
+            ) from None
         except FarmError as e:
             self._failure = e
             raise
@@ -659,7 +742,12 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         for worker in survivors:
             worker.shared_memory = False  # until it says it attached: its results travel in its replies
         lost_now: list[WorkerHandle] = []
-        replies = self._router.ask(m.ATTACH, {worker: {"obs": new.descriptor, "channel": None} for worker in survivors}, DEFAULT_STARTUP_TIMEOUT, lost=lost_now)
+        replies = self._router.ask(
+            m.ATTACH,
+            {worker: {"obs": new.descriptor, "channel": None} for worker in survivors},
+            DEFAULT_STARTUP_TIMEOUT,
+            lost=lost_now,
+        )
         for worker, reply in replies.items():
             worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
         return lost_now
@@ -670,12 +758,17 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         while self._restarts and self._restarts[0] < now - 60:
             self._restarts.popleft()
         if len(self._restarts) >= RESTARTS_PER_MINUTE:
-            raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; not restarted: {RESTARTS_PER_MINUTE} restarts in the last minute already", lost)
+            raise WorkerDiedError(
+                f"envfarm {lost.describe()} {lost.dead}; not restarted: {RESTARTS_PER_MINUTE} restarts in the last minute already",
+                lost,
+            )
         self._restarts.append(now)
         try:
             [worker] = self._lease(len(lost.env_ids), DEFAULT_STARTUP_TIMEOUT, first_index=lost.env_ids.start, add=True)
         except RuntimeError as e:
-            raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; no capacity left to restart it: {e}", lost) from None
+            raise WorkerDiedError(
+                f"envfarm {lost.describe()} {lost.dead}; no capacity left to restart it: {e}", lost
+            ) from None
         worker.index = lost.index
         try:
             with self._router.patience(DEFAULT_STARTUP_TIMEOUT):
@@ -691,7 +784,10 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                     else:
                         self._raise_errors([(worker, reply)])
         except Exception as e:
-            raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; restarting it on {worker.describe()} failed: {type(e).__name__}: {e}", lost) from e
+            raise WorkerDiedError(
+                f"envfarm {lost.describe()} {lost.dead}; restarting it on {worker.describe()} failed: {type(e).__name__}: {e}",
+                lost,
+            ) from e
         self._workers[self._workers.index(lost)] = worker
         return worker, reply
 
@@ -704,7 +800,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         failures = []
         for worker, reply in replies:
             if reply["kind"] == m.ERROR:
-                failures.append((worker.env_ids.start, list(worker.env_ids), ErrorInfo.from_data(reply["error"]), worker.describe()))
+                failures.append(
+                    (worker.env_ids.start, list(worker.env_ids), ErrorInfo.from_data(reply["error"]), worker.describe())
+                )
             for env_id, error in reply.get("errors", []):
                 failures.append((env_id, [env_id], ErrorInfo.from_data(error), f"env {env_id} on {worker.describe()}"))
         if not failures:
@@ -755,7 +853,9 @@ def _indices(rows: slice | list[int], length: int) -> range | list[int]:
     return range(length)[rows] if isinstance(rows, slice) else rows
 
 
-def _worker_count(num_envs: int, num_workers: int | None, envs_per_worker: int | None, max_concurrency: int | None) -> int:
+def _worker_count(
+    num_envs: int, num_workers: int | None, envs_per_worker: int | None, max_concurrency: int | None
+) -> int:
     if num_workers is not None and envs_per_worker is not None:
         raise ValueError("pass either num_workers or envs_per_worker, not both")
     if envs_per_worker is not None:
@@ -784,7 +884,9 @@ def _check_reset_mask(reset_mask: Any, num_envs: int) -> np.ndarray:
     if reset_mask.dtype != np.bool_:
         raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {reset_mask.dtype}")
     if not np.any(reset_mask):
-        raise ValueError(f"`options['reset_mask']` must contain a boolean array with at least one True value, got reset_mask={reset_mask}")
+        raise ValueError(
+            f"`options['reset_mask']` must contain a boolean array with at least one True value, got reset_mask={reset_mask}"
+        )
     return reset_mask
 
 

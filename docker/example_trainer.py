@@ -20,6 +20,8 @@ try:
         _, _, _, _, info = envs.step(envs.action_space.sample())
         restarted += int(np.sum(info.get("_envfarm_restarted", 0)))
         steps += envs.num_envs
-    print(f"{steps} steps from {envs.num_workers} farm workers at {steps / (time.perf_counter() - start):,.0f} steps/s; {restarted} envs restarted")
+    print(
+        f"{steps} steps from {envs.num_workers} farm workers at {steps / (time.perf_counter() - start):,.0f} steps/s; {restarted} envs restarted"
+    )
 finally:
     envs.close()

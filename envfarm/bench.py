@@ -67,8 +67,13 @@ class BenchConfig:
 
 # The CI smoke: every backend's code path on two cheap envs, in seconds.
 QUICK = BenchConfig(
-    envs=("cartpole", "synthetic"), num_envs=(4,), repeats=1, steps=400, seconds=2.0,
-    synthetic_step_us=100.0, synthetic_obs=(16, 16, 3),
+    envs=("cartpole", "synthetic"),
+    num_envs=(4,),
+    repeats=1,
+    steps=400,
+    seconds=2.0,
+    synthetic_step_us=100.0,
+    synthetic_obs=(16, 16, 3),
 )
 
 
@@ -76,8 +81,13 @@ def env_cases(config: BenchConfig) -> dict[str, EnvCase]:
     """The bench's envs by key; EnvPool's Pong is set up to match Gymnasium's ALE/Pong-v5 (RGB, no stacking)."""
     synthetic = {"step_cost_us": config.synthetic_step_us, "obs_shape": config.synthetic_obs}
     pong_like_ale = {
-        "img_height": 210, "img_width": 160, "gray_scale": False, "stack_num": 1,
-        "noop_max": 1, "use_fire_reset": False, "repeat_action_probability": 0.25,
+        "img_height": 210,
+        "img_width": 160,
+        "gray_scale": False,
+        "stack_num": 1,
+        "noop_max": 1,
+        "use_fire_reset": False,
+        "repeat_action_probability": 0.25,
     }
     cases = [
         EnvCase("cartpole", "CartPole-v1", {}, envpool_id="CartPole-v1"),
@@ -171,7 +181,9 @@ def _start(backend: str, case: EnvCase, num_envs: int, seed: int) -> tuple[Any, 
         return envs, _async_stepper(envs, batch, seed), batch
     if backend in ("sync", "async"):
         vector_kwargs = {"shared_memory": True} if backend == "async" else {}
-        envs = gym.make_vec(case.env_id, num_envs, vectorization_mode=backend, vector_kwargs=vector_kwargs, **case.kwargs)
+        envs = gym.make_vec(
+            case.env_id, num_envs, vectorization_mode=backend, vector_kwargs=vector_kwargs, **case.kwargs
+        )
         envs.reset(seed=seed)
     elif backend == "ideal":  # the limit of two processes in Python: see envfarm/bench_ideal.py
         envs = IdealPair(case.env_id, num_envs, case.kwargs, seed)
@@ -181,7 +193,9 @@ def _start(backend: str, case: EnvCase, num_envs: int, seed: int) -> tuple[Any, 
         envs = envpool.make_gymnasium(case.envpool_id, num_envs=num_envs, seed=seed, **case.envpool_kwargs)
         envs.reset()  # EnvPool takes its seed at construction
     else:
-        options = {"envfarm": {}, "envfarm-wire": {"shared_memory": False}, "envfarm-inline": {"inline_worker": True}}[backend]
+        options = {"envfarm": {}, "envfarm-wire": {"shared_memory": False}, "envfarm-inline": {"inline_worker": True}}[
+            backend
+        ]
         envs = envfarm.make_vec(case.env_id, num_envs, env_kwargs=case.kwargs, **options)
         envs.reset(seed=seed)
     actions = _action_pool(envs.single_action_space, num_envs, seed)
@@ -255,8 +269,19 @@ def measure(backend: str, case: EnvCase, num_envs: int, repeat: int, config: Ben
         envs.close()
     env_steps = done * per_call
     return Measurement(
-        backend, case.env_id, num_envs, repeat, env_steps, elapsed, env_steps / elapsed,
-        float(p50), float(p90), float(p99), startup, worker_mib, trainer_mib,
+        backend,
+        case.env_id,
+        num_envs,
+        repeat,
+        env_steps,
+        elapsed,
+        env_steps / elapsed,
+        float(p50),
+        float(p90),
+        float(p99),
+        startup,
+        worker_mib,
+        trainer_mib,
     )
 
 
@@ -329,8 +354,11 @@ def summarize(measurements: list[Measurement]) -> list[dict[str, Any]]:
 def _meta(config: BenchConfig) -> dict[str, Any]:
     try:
         commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, check=True,
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
@@ -351,9 +379,48 @@ def _meta(config: BenchConfig) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The results as a fixed-width table, one block per env and num_envs."""
-    header = ("env", "n", "backend", "steps/s", "x sync", "x async", "p50 us", "p90 us", "p99 us", "startup s", "workers MiB", "trainer MiB")
-    formats = ("{}", "{}", "{}", "{:,.0f}", "{:.2f}", "{:.2f}", "{:,.0f}", "{:,.0f}", "{:,.0f}", "{:.3f}", "{:,.0f}", "{:,.0f}")
-    keys = ("env_id", "num_envs", "backend", "steps_per_s", "vs_sync", "vs_async", "p50_us", "p90_us", "p99_us", "startup_s", "worker_mib", "trainer_mib")
+    header = (
+        "env",
+        "n",
+        "backend",
+        "steps/s",
+        "x sync",
+        "x async",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "startup s",
+        "workers MiB",
+        "trainer MiB",
+    )
+    formats = (
+        "{}",
+        "{}",
+        "{}",
+        "{:,.0f}",
+        "{:.2f}",
+        "{:.2f}",
+        "{:,.0f}",
+        "{:,.0f}",
+        "{:,.0f}",
+        "{:.3f}",
+        "{:,.0f}",
+        "{:,.0f}",
+    )
+    keys = (
+        "env_id",
+        "num_envs",
+        "backend",
+        "steps_per_s",
+        "vs_sync",
+        "vs_async",
+        "p50_us",
+        "p90_us",
+        "p99_us",
+        "startup_s",
+        "worker_mib",
+        "trainer_mib",
+    )
     table = [header]
     for row in rows:
         table.append(tuple("-" if row[k] is None else fmt.format(row[k]) for k, fmt in zip(keys, formats)))
@@ -362,7 +429,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for i, line in enumerate(table):
         if i > 1 and line[:2] != table[i - 1][:2]:
             lines.append("")
-        lines.append("  ".join(cell.ljust(w) if j < 3 else cell.rjust(w) for j, (cell, w) in enumerate(zip(line, widths))).rstrip())
+        lines.append(
+            "  ".join(
+                cell.ljust(w) if j < 3 else cell.rjust(w) for j, (cell, w) in enumerate(zip(line, widths))
+            ).rstrip()
+        )
     return "\n".join(lines)
 
 
@@ -398,7 +469,9 @@ def plot(rows: list[dict[str, Any]], path: Path, commit: str) -> None:
     fig, axes = plt.subplots(lines, cols, figsize=(6 * cols, 4 * lines), squeeze=False)
     for ax, env_id in zip(axes.flat, env_ids):
         for backend in BACKENDS:
-            points = sorted((r["num_envs"], r["steps_per_s"]) for r in rows if r["env_id"] == env_id and r["backend"] == backend)
+            points = sorted(
+                (r["num_envs"], r["steps_per_s"]) for r in rows if r["env_id"] == env_id and r["backend"] == backend
+            )
             if points:
                 # A fixed colour per backend, the same in every panel whatever is missing from it.
                 ax.plot(*zip(*points), marker="o", label=backend, color=f"C{BACKENDS.index(backend)}")
@@ -406,7 +479,7 @@ def plot(rows: list[dict[str, Any]], path: Path, commit: str) -> None:
         ax.set_xscale("log", base=2)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(env_ids):]:
+    for ax in list(axes.flat)[len(env_ids) :]:
         ax.set_visible(False)
     fig.suptitle(f"envfarm bench ({commit})")
     fig.tight_layout()
@@ -431,12 +504,28 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def command_line(config: BenchConfig) -> str:
     """The `envfarm bench` command that runs exactly `config` (recorded with the results)."""
-    return shlex.join([
-        "envfarm", "bench", "--envs", ",".join(config.envs), "--num-envs", ",".join(map(str, config.num_envs)),
-        "--backends", ",".join(config.backends), "--repeats", str(config.repeats), "--steps", str(config.steps),
-        "--seconds", f"{config.seconds:g}", "--synthetic-step-us", f"{config.synthetic_step_us:g}",
-        "--synthetic-obs", "x".join(map(str, config.synthetic_obs)),
-    ])
+    return shlex.join(
+        [
+            "envfarm",
+            "bench",
+            "--envs",
+            ",".join(config.envs),
+            "--num-envs",
+            ",".join(map(str, config.num_envs)),
+            "--backends",
+            ",".join(config.backends),
+            "--repeats",
+            str(config.repeats),
+            "--steps",
+            str(config.steps),
+            "--seconds",
+            f"{config.seconds:g}",
+            "--synthetic-step-us",
+            f"{config.synthetic_step_us:g}",
+            "--synthetic-obs",
+            "x".join(map(str, config.synthetic_obs)),
+        ]
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

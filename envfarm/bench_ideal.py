@@ -35,15 +35,31 @@ class IdealPair:
         away = num_envs - self.split
         obs_space = batch_space(self.single_observation_space, away)
         act_space = batch_space(self.single_action_space, away)
-        if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, (gym.spaces.Box, gym.spaces.MultiDiscrete)):
+        if not isinstance(obs_space, gym.spaces.Box) or not isinstance(
+            act_space, (gym.spaces.Box, gym.spaces.MultiDiscrete)
+        ):
             raise ValueError("the ideal pair takes envs with a Box observation and a Box or Discrete action")
-        self._shapes = [((3,), np.int64), (obs_space.shape, obs_space.dtype), (act_space.shape, act_space.dtype),
-                        ((away,), np.float64), ((away,), np.bool_), ((away,), np.bool_)]
-        self.segment = multiprocessing.shared_memory.SharedMemory(create=True, size=sum(_nbytes(s, d) for s, d in self._shapes))
-        self.control, self.obs, self.actions, self.rewards, self.terminations, self.truncations = _arrays(self.segment.buf, self._shapes)
+        self._shapes = [
+            ((3,), np.int64),
+            (obs_space.shape, obs_space.dtype),
+            (act_space.shape, act_space.dtype),
+            ((away,), np.float64),
+            ((away,), np.bool_),
+            ((away,), np.bool_),
+        ]
+        self.segment = multiprocessing.shared_memory.SharedMemory(
+            create=True, size=sum(_nbytes(s, d) for s, d in self._shapes)
+        )
+        self.control, self.obs, self.actions, self.rewards, self.terminations, self.truncations = _arrays(
+            self.segment.buf, self._shapes
+        )
         self.control[:] = 0
         context = multiprocessing.get_context("fork")
-        self.child = context.Process(target=_serve, args=(env_id, self.kwargs, away, seed + self.split, self.segment.name, self._shapes), daemon=True)
+        self.child = context.Process(
+            target=_serve,
+            args=(env_id, self.kwargs, away, seed + self.split, self.segment.name, self._shapes),
+            daemon=True,
+        )
         self.child.start()
         self.processes = [self.child]
         self.here.reset(seed=seed)
@@ -62,8 +78,13 @@ class IdealPair:
             if not self.child.is_alive():
                 raise RuntimeError(f"the ideal pair's child process died (exit code {self.child.exitcode})")
         batch = concatenate(self.single_observation_space, [*obs, *self.obs], self._batch_obs)
-        return (batch, np.concatenate([rewards, self.rewards]), np.concatenate([terminations, self.terminations]),
-                np.concatenate([truncations, self.truncations]), {})
+        return (
+            batch,
+            np.concatenate([rewards, self.rewards]),
+            np.concatenate([terminations, self.terminations]),
+            np.concatenate([truncations, self.truncations]),
+            {},
+        )
 
     def close(self) -> None:
         self.control[_STOP] = 1
@@ -89,7 +110,9 @@ def _arrays(buffer: memoryview, shapes: list[tuple[tuple[int, ...], Any]]) -> li
     return arrays
 
 
-def _serve(env_id: str, kwargs: dict[str, Any], count: int, seed: int, name: str, shapes: list[tuple[tuple[int, ...], Any]]) -> None:
+def _serve(
+    env_id: str, kwargs: dict[str, Any], count: int, seed: int, name: str, shapes: list[tuple[tuple[int, ...], Any]]
+) -> None:
     """The child: steps its half whenever the GO word moves, until STOP."""
     segment = multiprocessing.shared_memory.SharedMemory(name=name)
     control, obs, actions, rewards, terminations, truncations = _arrays(segment.buf, shapes)

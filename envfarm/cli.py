@@ -11,7 +11,6 @@ import sys
 import time
 
 
-
 def _json_object(text: str) -> dict:
     value = json.loads(text)
     if not isinstance(value, dict):
@@ -28,19 +27,42 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-envs", type=int, default=16, help="envs stepped together (default 16)")
     run.add_argument("--steps", type=int, default=100_000, help="env steps in total (default 100000)")
     run.add_argument("--num-workers", type=int, default=None, help="worker processes (default: one per CPU)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the first env's reset; env i gets seed + i (default 0)")
+    run.add_argument(
+        "--seed", type=int, default=0, help="seed of the first env's reset; env i gets seed + i (default 0)"
+    )
     run.add_argument("--env-kwargs", type=_json_object, default=None, help="JSON object of env constructor arguments")
     run.add_argument("--no-shared-memory", action="store_true", help="send observations on the socket")
-    run.add_argument("--context", choices=["fork", "spawn", "forkserver"], default=None, help="how worker processes start (default: multiprocessing's default here)")
+    run.add_argument(
+        "--context",
+        choices=["fork", "spawn", "forkserver"],
+        default=None,
+        help="how worker processes start (default: multiprocessing's default here)",
+    )
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
-    run.add_argument("--broker", help="lease the envs' workers from a farm broker (e.g. tcp://head:5555) instead of starting local ones")
-    run.add_argument("--on-failure", choices=["raise", "restart"], default="raise", help="with --broker: what a lost worker does (default raise)")
+    run.add_argument(
+        "--broker",
+        help="lease the envs' workers from a farm broker (e.g. tcp://head:5555) instead of starting local ones",
+    )
+    run.add_argument(
+        "--on-failure",
+        choices=["raise", "restart"],
+        default="raise",
+        help="with --broker: what a lost worker does (default raise)",
+    )
 
     broker = commands.add_parser("broker", help="run a farm broker that leases workers to trainers")
     _log_level_argument(broker)
-    broker.add_argument("--bind", default="tcp://0.0.0.0:5555", help="endpoint for workers and trainers (default tcp://0.0.0.0:5555)")
-    broker.add_argument("--dead-after", type=float, default=5.0, help="seconds of silence after which a worker is lost (default 5)")
-    broker.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics (workers, slots, leases, steps/s, restarts, lost workers)")
+    broker.add_argument(
+        "--bind", default="tcp://0.0.0.0:5555", help="endpoint for workers and trainers (default tcp://0.0.0.0:5555)"
+    )
+    broker.add_argument(
+        "--dead-after", type=float, default=5.0, help="seconds of silence after which a worker is lost (default 5)"
+    )
+    broker.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (workers, slots, leases, steps/s, restarts, lost workers)",
+    )
     broker.add_argument("--curve-secret", help="CurveZMQ: this broker's secret key file (envfarm keygen)")
     broker.add_argument(
         "--curve-clients",
@@ -53,14 +75,34 @@ def build_parser() -> argparse.ArgumentParser:
     _log_level_argument(worker)
     worker.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
     worker.add_argument("--slots", type=int, default=8, help="envs each worker process hosts at most (default 8)")
-    worker.add_argument("--processes", default="1", help="worker processes: a number, or 'auto' for one per CPU this container or host may use (its cgroup quota, not the host's cores); a process that dies is replaced (default 1)")
-    worker.add_argument("--alive-file", help="touch this file at every heartbeat, for a health check: `envfarm alive FILE` (with several processes, each touches FILE.i)")
-    worker.add_argument("--broker-grace", type=float, default=10.0, help="seconds an idle worker may be out of the broker's reach before it stops touching its alive file (default 10)")
+    worker.add_argument(
+        "--processes",
+        default="1",
+        help="worker processes: a number, or 'auto' for one per CPU this container or host may use (its cgroup quota, not the host's cores); a process that dies is replaced (default 1)",
+    )
+    worker.add_argument(
+        "--alive-file",
+        help="touch this file at every heartbeat, for a health check: `envfarm alive FILE` (with several processes, each touches FILE.i)",
+    )
+    worker.add_argument(
+        "--broker-grace",
+        type=float,
+        default=10.0,
+        help="seconds an idle worker may be out of the broker's reach before it stops touching its alive file (default 10)",
+    )
     worker.add_argument("--curve-secret", help="CurveZMQ: this worker's secret key file")
     worker.add_argument("--broker-key", help="CurveZMQ: the broker's public key file")
-    worker.add_argument("--allow", default=None, help="comma-separated env id patterns it builds, e.g. 'CartPole-*,ALE/*' (default: Gymnasium's registered ids)")
+    worker.add_argument(
+        "--allow",
+        default=None,
+        help="comma-separated env id patterns it builds, e.g. 'CartPole-*,ALE/*' (default: Gymnasium's registered ids)",
+    )
 
-    _alive_arguments(commands.add_parser("alive", help="exit 0 if a farm worker touched FILE (--alive-file) lately: a container health check"))
+    _alive_arguments(
+        commands.add_parser(
+            "alive", help="exit 0 if a farm worker touched FILE (--alive-file) lately: a container health check"
+        )
+    )
 
     status = commands.add_parser("status", help="show a broker's workers, their slots and leases")
     status.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
@@ -90,9 +132,15 @@ def is_alive(alive_file: str, within: float) -> bool:
     several processes, whether every process touched its own `alive_file`.N (`envfarm alive`)."""
     directory, name = os.path.split(os.path.abspath(alive_file))
     try:
-        files = [alive_file] if os.path.exists(alive_file) else [
-            os.path.join(directory, entry) for entry in os.listdir(directory) if entry.startswith(name + ".") and entry[len(name) + 1 :].isdigit()
-        ]
+        files = (
+            [alive_file]
+            if os.path.exists(alive_file)
+            else [
+                os.path.join(directory, entry)
+                for entry in os.listdir(directory)
+                if entry.startswith(name + ".") and entry[len(name) + 1 :].isdigit()
+            ]
+        )
         return bool(files) and all(time.time() - os.path.getmtime(path) <= within for path in files)
     except OSError:
         return False
@@ -100,8 +148,12 @@ def is_alive(alive_file: str, within: float) -> bool:
 
 
 def _log_level_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="registrations, leases, releases and errors are INFO (default INFO), on stderr")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="registrations, leases, releases and errors are INFO (default INFO), on stderr",
+    )
 
 
 def _log_to_stderr(level: str) -> None:
@@ -137,9 +189,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             summary = run_random_policy(
-                args.env_id, args.num_envs, args.steps, seed=args.seed, env_kwargs=args.env_kwargs,
-                num_workers=args.num_workers, shared_memory=not args.no_shared_memory, context=args.context,
-                broker=args.broker, on_failure=args.on_failure,
+                args.env_id,
+                args.num_envs,
+                args.steps,
+                seed=args.seed,
+                env_kwargs=args.env_kwargs,
+                num_workers=args.num_workers,
+                shared_memory=not args.no_shared_memory,
+                context=args.context,
+                broker=args.broker,
+                on_failure=args.on_failure,
             )
         except (gymnasium.error.Error, ValueError) as e:
             print(f"envfarm run: {e}", file=sys.stderr)
@@ -156,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             print("envfarm broker: --curve-secret and --curve-clients go together", file=sys.stderr)
             return 2
         try:
-            broker = Broker(args.bind, dead_after=args.dead_after, curve=(args.curve_secret, args.curve_clients) if args.curve_secret else None)
+            broker = Broker(
+                args.bind,
+                dead_after=args.dead_after,
+                curve=(args.curve_secret, args.curve_clients) if args.curve_secret else None,
+            )
         except (ValueError, OSError) as e:
             print(f"envfarm broker: {e}", file=sys.stderr)
             return 2
@@ -170,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, OSError) as e:
                 print(f"envfarm broker: --metrics {args.metrics}: {e}", file=sys.stderr)
                 return 2
-            print(f"envfarm broker metrics on http://{args.metrics.rpartition(':')[0]}:{port}/metrics", file=sys.stderr, flush=True)
+            print(
+                f"envfarm broker metrics on http://{args.metrics.rpartition(':')[0]}:{port}/metrics",
+                file=sys.stderr,
+                flush=True,
+            )
         _log_to_stderr(args.log_level)
         _stop_on_sigterm()
         try:
@@ -182,21 +249,33 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.shutdown()
         return 0
     if args.command == "worker":
-        from envfarm.transport.cpus import available_cpus
         from envfarm.protocol import messages as m
         from envfarm.server.worker import run_farm_workers
+        from envfarm.transport.cpus import available_cpus
 
         if not 1 <= args.slots <= m.MAX_SLOTS:
             print(f"envfarm worker: --slots must be from 1 to {m.MAX_SLOTS}", file=sys.stderr)
             return 2
         allow = [pattern for pattern in args.allow.split(",") if pattern] if args.allow else None
         # The broker drops a registration over these bounds: say so here rather than never register.
-        if allow is not None and (len(allow) > m.MAX_ALLOW or sum(map(len, allow)) > m.MAX_ALLOW_CHARS or max(map(len, allow), default=0) > m.MAX_PATTERN_CHARS):
-            print(f"envfarm worker: --allow takes at most {m.MAX_ALLOW} patterns of at most {m.MAX_PATTERN_CHARS} characters, {m.MAX_ALLOW_CHARS} in all", file=sys.stderr)
+        if allow is not None and (
+            len(allow) > m.MAX_ALLOW
+            or sum(map(len, allow)) > m.MAX_ALLOW_CHARS
+            or max(map(len, allow), default=0) > m.MAX_PATTERN_CHARS
+        ):
+            print(
+                f"envfarm worker: --allow takes at most {m.MAX_ALLOW} patterns of at most {m.MAX_PATTERN_CHARS} characters, {m.MAX_ALLOW_CHARS} in all",
+                file=sys.stderr,
+            )
             return 2
-        processes = available_cpus() if args.processes == "auto" else int(args.processes) if args.processes.isdigit() else 0
+        processes = (
+            available_cpus() if args.processes == "auto" else int(args.processes) if args.processes.isdigit() else 0
+        )
         if processes < 1:
-            print(f"envfarm worker: --processes must be a positive number or 'auto', got {args.processes!r}", file=sys.stderr)
+            print(
+                f"envfarm worker: --processes must be a positive number or 'auto', got {args.processes!r}",
+                file=sys.stderr,
+            )
             return 2
         if bool(args.curve_secret) != bool(args.broker_key):
             print("envfarm worker: --curve-secret and --broker-key go together", file=sys.stderr)

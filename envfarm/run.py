@@ -64,8 +64,14 @@ def run_random_policy(
         if interactive:
             progress.write("\n")
         return RunSummary(
-            env_id, num_envs, envs.num_workers, done, len(finished),
-            float(np.mean(finished)) if finished else None, seconds, done / seconds,
+            env_id,
+            num_envs,
+            envs.num_workers,
+            done,
+            len(finished),
+            float(np.mean(finished)) if finished else None,
+            seconds,
+            done / seconds,
         )
     finally:
         envs.close()

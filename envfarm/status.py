@@ -9,9 +9,9 @@ from typing import Any
 
 import zmq
 
-from envfarm.transport.curve import load_key_pair, load_public_key, secure_client
 from envfarm.protocol import messages as m
 from envfarm.protocol.packing import pack, unpack
+from envfarm.transport.curve import load_key_pair, load_public_key, secure_client
 
 
 def query(broker: str, curve: tuple[str, str] | None = None, timeout: float = 5.0) -> dict[str, Any]:
@@ -45,11 +45,15 @@ def show_status(broker: str, curve: tuple[str, str] | None, as_json: bool) -> in
         print(json.dumps(status))
         return 0
     workers = status["workers"]
-    print(f"{len(workers)} workers, {sum(w['slots'] for w in workers)} slots, "
-          f"{sum(w['slots'] for w in workers if w['leased_to'])} leased to {status['trainers']} trainers, "
-          f"{sum(w['steps_per_s'] for w in workers):.0f} steps/s")
+    print(
+        f"{len(workers)} workers, {sum(w['slots'] for w in workers)} slots, "
+        f"{sum(w['slots'] for w in workers if w['leased_to'])} leased to {status['trainers']} trainers, "
+        f"{sum(w['steps_per_s'] for w in workers):.0f} steps/s"
+    )
     for w in workers:
         lease = f"leased to {w['leased_to'][:8]}" if w["leased_to"] else "free"
-        print(f"  {w['id'][:8]}  {w['host']:<20} pid {w['pid']:<7} {w['slots']} slots  {lease:<18} "
-              f"{w['steps_per_s']:>9.1f} steps/s  heard {w['silent_s']} s ago")
+        print(
+            f"  {w['id'][:8]}  {w['host']:<20} pid {w['pid']:<7} {w['slots']} slots  {lease:<18} "
+            f"{w['steps_per_s']:>9.1f} steps/s  heard {w['silent_s']} s ago"
+        )
     return 0

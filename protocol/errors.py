@@ -6,7 +6,6 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-
 MAX_TYPE_CHARS = 200
 MAX_MESSAGE_CHARS = 64 << 10
 MAX_TRACEBACK_CHARS = 64 << 10
@@ -34,7 +33,11 @@ class ErrorInfo:
         kind = type(exc)
         name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
         trace = "".join(traceback.format_exception(kind, exc, exc.__traceback__))  # survives a failing __str__
-        return cls(_cut(name, MAX_TYPE_CHARS), _cut(_message(exc), MAX_MESSAGE_CHARS), _cut(trace, MAX_TRACEBACK_CHARS, keep_end=True))
+        return cls(
+            _cut(name, MAX_TYPE_CHARS),
+            _cut(_message(exc), MAX_MESSAGE_CHARS),
+            _cut(trace, MAX_TRACEBACK_CHARS, keep_end=True),
+        )
 
     def to_data(self) -> dict[str, str]:
         return {"type": self.type, "message": self.message, "traceback": self.traceback}
@@ -52,7 +55,12 @@ def _message(exc: BaseException) -> str:
     quotes its key (str(KeyError("x")) is "'x'"), and would quote it twice once rebuilt from that
     text: its message is the key itself. A __str__ that fails (or recurses without end, as repr
     of a deeply nested value does) is named instead."""
-    if isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__ and len(exc.args) == 1 and isinstance(exc.args[0], str):
+    if (
+        isinstance(exc, KeyError)
+        and type(exc).__str__ is KeyError.__str__
+        and len(exc.args) == 1
+        and isinstance(exc.args[0], str)
+    ):
         return exc.args[0]
     try:
         return str(exc)

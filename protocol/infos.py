@@ -45,7 +45,9 @@ def batch(infos: Sequence[dict[str, Any]]) -> dict[str, Any] | list[dict[str, An
 
 def _batch(infos: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     keys = list(infos[0])
-    if any(list(info) != keys for info in infos):  # the same keys in the same order: each env's dict comes back as it was
+    if any(
+        list(info) != keys for info in infos
+    ):  # the same keys in the same order: each env's dict comes back as it was
         return None
     block: dict[str, Any] = {}
     for key in keys:
@@ -110,7 +112,9 @@ def add_block(vector_infos: dict[str, Any], infos: Any, env_ids: Sequence[int], 
     return _merge(vector_infos, infos, env_ids, rows, num_envs)
 
 
-def _merge(vector_infos: dict[str, Any], block: dict[str, Any], env_ids: Sequence[int], rows: slice | list[int], num_envs: int) -> dict[str, Any]:
+def _merge(
+    vector_infos: dict[str, Any], block: dict[str, Any], env_ids: Sequence[int], rows: slice | list[int], num_envs: int
+) -> dict[str, Any]:
     for key, entry in block.items():
         kind, value = _entry(entry, len(env_ids))
         if kind == "dict" and isinstance(vector_infos.get(key, {}), dict):

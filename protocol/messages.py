@@ -95,7 +95,13 @@ FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     LEASE: {"envs": int, "env_id": str, "endpoint": str, "server_key": (str, type(None))},
     LEASED: {"workers": _list, "dead_after": (int, float)},
     # trainer_key: None from a broker older than it, or without Curve
-    JOIN: {"endpoint": str, "server_key": (str, type(None)), "lease": str, "trainer": bytes, "trainer_key": (str, type(None))},
+    JOIN: {
+        "endpoint": str,
+        "server_key": (str, type(None)),
+        "lease": str,
+        "trainer": bytes,
+        "trainer_key": (str, type(None)),
+    },
     RELEASE: {},
     STATUS: {},
 }
@@ -131,7 +137,11 @@ def read_worker_heartbeat(frame: bytes) -> tuple[int, int, int] | None:
     """(link, requests read, last probe's count) from a worker's heartbeat; None if the frame is not one."""
     if len(frame) != 25 or frame[:1] != _HEARTBEAT:
         return None
-    return int.from_bytes(frame[1:9], "little"), int.from_bytes(frame[9:17], "little"), int.from_bytes(frame[17:], "little")
+    return (
+        int.from_bytes(frame[1:9], "little"),
+        int.from_bytes(frame[9:17], "little"),
+        int.from_bytes(frame[17:], "little"),
+    )
 
 
 # Step records, on a same-host channel only: when a worker reads its actions from the shared batch
@@ -190,7 +200,9 @@ def check(message: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, types) or (types is int and type(value) is bool):
             raise ProtocolError(f"{kind} message field {name!r} must be {_names(types)}, got {type(value).__name__}")
     if kind == HELLO and message["version"] != PROTOCOL_VERSION:
-        raise ProtocolError(f"peer speaks envfarm protocol version {describe(message['version'])}, this side speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            f"peer speaks envfarm protocol version {describe(message['version'])}, this side speaks {PROTOCOL_VERSION}"
+        )
     return message
 
 
@@ -223,7 +235,9 @@ class Bound:
 
     def check(self, kind: str, name: str, value: Any) -> None:
         if not isinstance(value, self.types) or (type(value) is bool and not _admits_bool(self.types)):
-            raise ProtocolError(f"{kind} message field {name!r} must be {_names(self.types)}, got {type(value).__name__}")
+            raise ProtocolError(
+                f"{kind} message field {name!r} must be {_names(self.types)}, got {type(value).__name__}"
+            )
         if value is None or type(value) is bool:
             return
         size = value if isinstance(value, int) else len(value)

@@ -150,8 +150,10 @@ class _Encoder:
         if self.allow_pickle:
             return _ext((EXT_PICKLE, cloudpickle.dumps(obj)))
         if type(obj) is int:  # msgpack hands over only the ints it cannot carry
-            raise TypeError(f"cannot send the integer {obj if obj.bit_length() <= 256 else '...'} over an untrusted link: "
-                            "msgpack carries integers of at most 64 bits (send it as a string or bytes)")
+            raise TypeError(
+                f"cannot send the integer {obj if obj.bit_length() <= 256 else '...'} over an untrusted link: "
+                "msgpack carries integers of at most 64 bits (send it as a string or bytes)"
+            )
         raise TypeError(
             f"cannot send a value of type {type(obj).__qualname__} over an untrusted link: "
             "use numbers, strings, bytes, lists, tuples, dicts and numpy arrays"
@@ -197,7 +199,9 @@ class _Decoder:
             raise ProtocolError("a numpy scalar must be '<dtype>:<bytes>'")
         dtype = _parse_dtype(data[:split].decode("ascii", "replace"))
         if len(data) - split - 1 != dtype.itemsize:
-            raise ProtocolError(f"a numpy scalar of dtype {dtype} needs {dtype.itemsize} bytes, got {len(data) - split - 1}")
+            raise ProtocolError(
+                f"a numpy scalar of dtype {dtype} needs {dtype.itemsize} bytes, got {len(data) - split - 1}"
+            )
         return np.frombuffer(data, dtype=dtype, offset=split + 1)[0]
 
     def array(self, data: bytes) -> Any:
@@ -206,12 +210,18 @@ class _Decoder:
         if not (type(index) is int and 1 <= index < len(frames)):
             raise ProtocolError(f"array refers to frame {index!r}, but the message has {len(frames) - 1}")
         dtype = _parse_dtype(dtype_name)
-        if not (isinstance(shape, list) and len(shape) <= limits.max_ndim and all(type(d) is int and d >= 0 for d in shape)):
+        if not (
+            isinstance(shape, list) and len(shape) <= limits.max_ndim and all(type(d) is int and d >= 0 for d in shape)
+        ):
             raise ProtocolError(f"bad array shape {shape!r:.80}")
         size = math.prod(shape) * dtype.itemsize
         if size > limits.max_array_bytes:
-            raise ProtocolError(f"array of dtype {dtype} and shape {tuple(shape)} is {size} bytes, over the limit of {limits.max_array_bytes}")
+            raise ProtocolError(
+                f"array of dtype {dtype} and shape {tuple(shape)} is {size} bytes, over the limit of {limits.max_array_bytes}"
+            )
         buffer = frames[index]
         if size != len(buffer):
-            raise ProtocolError(f"array of dtype {dtype} and shape {tuple(shape)} needs {size} bytes, its frame has {len(buffer)}")
+            raise ProtocolError(
+                f"array of dtype {dtype} and shape {tuple(shape)} needs {size} bytes, its frame has {len(buffer)}"
+            )
         return np.frombuffer(buffer, dtype=dtype).reshape(shape).copy()

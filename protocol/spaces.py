@@ -32,8 +32,12 @@ def encode_space(space: spaces.Space) -> dict[str, Any]:
     if isinstance(space, spaces.Box):
         # An integer Box keeps infinite bounds as its dtype's limits plus these flags.
         return {
-            "type": "Box", "low": space.low, "high": space.high, "dtype": space.dtype.str,
-            "bounded_below": space.bounded_below, "bounded_above": space.bounded_above,
+            "type": "Box",
+            "low": space.low,
+            "high": space.high,
+            "dtype": space.dtype.str,
+            "bounded_below": space.bounded_below,
+            "bounded_above": space.bounded_above,
         }
     if isinstance(space, spaces.Discrete):
         return {"type": "Discrete", "n": int(space.n), "start": int(space.start), "dtype": space.dtype.str}
@@ -42,7 +46,12 @@ def encode_space(space: spaces.Space) -> dict[str, Any]:
     if isinstance(space, spaces.MultiBinary):
         return {"type": "MultiBinary", "n": np.asarray(space.n).tolist()}
     if isinstance(space, spaces.Text):
-        return {"type": "Text", "min_length": space.min_length, "max_length": space.max_length, "charset": "".join(space.character_list)}
+        return {
+            "type": "Text",
+            "min_length": space.min_length,
+            "max_length": space.max_length,
+            "charset": "".join(space.character_list),
+        }
     if isinstance(space, spaces.Dict):
         return {"type": "Dict", "spaces": [[key, encode_space(sub)] for key, sub in space.spaces.items()]}
     if isinstance(space, spaces.Tuple):
@@ -146,7 +155,9 @@ def shm_layout(space: spaces.Space, num_envs: int, start: int = 0) -> tuple[list
     return layout, offset
 
 
-def batch_layout(observation_space: spaces.Space, action_space: spaces.Space, num_envs: int) -> tuple[dict[str, Any], int]:
+def batch_layout(
+    observation_space: spaces.Space, action_space: spaces.Space, num_envs: int
+) -> tuple[dict[str, Any], int]:
     """The shared batch buffer: observations, actions, rewards, terminations and truncations.
 
     Returns ({"obs": [region...], "actions": [region...], "rewards": region, "terminated": region,
@@ -155,7 +166,11 @@ def batch_layout(observation_space: spaces.Space, action_space: spaces.Space, nu
     obs, offset = shm_layout(observation_space, num_envs)
     actions, offset = shm_layout(action_space, num_envs, offset)
     layout: dict[str, Any] = {"obs": obs, "actions": actions}
-    for name, dtype in (("rewards", np.dtype(np.float64)), ("terminated", np.dtype(np.bool_)), ("truncated", np.dtype(np.bool_))):
+    for name, dtype in (
+        ("rewards", np.dtype(np.float64)),
+        ("terminated", np.dtype(np.bool_)),
+        ("truncated", np.dtype(np.bool_)),
+    ):
         layout[name] = (offset, dtype.str, (num_envs,))
         offset = _aligned(offset + num_envs * dtype.itemsize)
     return layout, offset
@@ -173,7 +188,9 @@ def batch_rows(buffer: Any, layout: dict[str, Any], first_row: int, num_rows: in
         if region is None:
             return None
         offset, dtype, shape = region
-        return np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=buffer, offset=offset)[first_row : first_row + num_rows]
+        return np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=buffer, offset=offset)[
+            first_row : first_row + num_rows
+        ]
 
     views: dict[str, Any] = {name: [rows(region) for region in layout[name]] for name in ("obs", "actions")}
     views.update({name: rows(layout[name]) for name in ("rewards", "terminated", "truncated")})

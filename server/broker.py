@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import collections
 import fnmatch
-import logging
 import functools
 import ipaddress
+import logging
 import re
 import secrets
 import threading
@@ -41,11 +41,11 @@ from typing import Any
 
 import zmq
 
-from envfarm.transport.curve import ADMINS, TRAINERS, WORKERS, load_key_pair, load_roles, secure_server
-from envfarm.transport.sockets import zmtp_heartbeats
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
+from envfarm.transport.curve import ADMINS, TRAINERS, WORKERS, load_key_pair, load_roles, secure_server
+from envfarm.transport.sockets import zmtp_heartbeats
 
 MAX_MESSAGE_BYTES = 1 << 20  # control messages are small; a socket facing the network refuses larger frames
 _TCP_ENDPOINT = re.compile(r"tcp://[^\s/]+:\d{1,5}")
@@ -108,14 +108,18 @@ def _compile_allow(patterns: tuple[str, ...]) -> re.Pattern[str]:
 class Broker:
     """Serves one ROUTER socket until `stop()`."""
 
-    def __init__(self, bind: str, dead_after: float = 5.0, curve: tuple[str, str] | None = None, max_workers: int = MAX_WORKERS):
+    def __init__(
+        self, bind: str, dead_after: float = 5.0, curve: tuple[str, str] | None = None, max_workers: int = MAX_WORKERS
+    ):
         """`dead_after`: a worker silent this long (dead, frozen, cut off, or stuck in one request)
         is struck off; trainers use the same deadline for the workers they lease.
         `curve`: (this broker's secret key file, directory of admitted public keys): CurveZMQ. The
         directory holds the keys of each role in `workers/`, `trainers/` and `admins/`, or all keys
         in itself (each then may do everything). `max_workers`: registrations it keeps at most."""
         if dead_after <= 2 * m.HEARTBEAT_INTERVAL:
-            raise ValueError(f"dead_after must exceed two heartbeat intervals ({2 * m.HEARTBEAT_INTERVAL} s), got {dead_after}")
+            raise ValueError(
+                f"dead_after must exceed two heartbeat intervals ({2 * m.HEARTBEAT_INTERVAL} s), got {dead_after}"
+            )
         self.dead_after = dead_after
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
@@ -176,7 +180,9 @@ class Broker:
                 self._handle(identity.bytes, frames)
             except Exception as exc:  # a bug that one peer's message reached: that peer's problem only
                 info = ErrorInfo.from_exception(exc)
-                log.warning("dropped a message from %s: %s", _short(identity.bytes), f"{info.type}: {info.message}"[:400])
+                log.warning(
+                    "dropped a message from %s: %s", _short(identity.bytes), f"{info.type}: {info.message}"[:400]
+                )
 
     def _handle(self, sender: bytes, frames: list[zmq.Frame]) -> None:
         if not frames:
@@ -222,7 +228,13 @@ class Broker:
             self.counts["trainers_lost"] += 1
             self._release(trainer)  # it vanished (killed, or its host did): its workers go back to the pool
         for record in [r for r in self.workers.values() if r.last_seen < silent_since]:
-            log.info("worker %s (%s, pid %d) silent for %g s: struck off", _short(record.identity), record.host, record.pid, self.dead_after)
+            log.info(
+                "worker %s (%s, pid %d) silent for %g s: struck off",
+                _short(record.identity),
+                record.host,
+                record.pid,
+                self.dead_after,
+            )
             self.counts["workers_lost"] += 1
             del self.workers[record.identity]
 
@@ -242,11 +254,18 @@ class Broker:
                 return  # full: it is registered once a place frees up (a silent worker is struck off)
             allow = hello["allow"]
             record = RegisteredWorker(
-                worker, hello["slots"], hello["host"], hello["pid"], key,
-                allow, _compile_allow(tuple(allow)) if allow is not None else None,
+                worker,
+                hello["slots"],
+                hello["host"],
+                hello["pid"],
+                key,
+                allow,
+                _compile_allow(tuple(allow)) if allow is not None else None,
             )
             self.workers[worker] = record
-            log.info("worker %s registered: %s, pid %d, %d slots", _short(worker), record.host, record.pid, record.slots)
+            log.info(
+                "worker %s registered: %s, pid %d, %d slots", _short(worker), record.host, record.pid, record.slots
+            )
             if lease is not None and lessee is not None and lessee.startswith(m.TRAINER_PREFIX):
                 self._adopt(record, lease, lessee, hello.get("trainer_key"))
         now = time.monotonic()
@@ -268,14 +287,26 @@ class Broker:
         claim it first). A lease that cannot be bound so is ended."""
         bound = trainer_key if record.key is not None else None  # without Curve, trainers are bound to None
         if record.key is not None and (trainer_key is None or not self._may(trainer_key, TRAINERS)):
-            log.warning("worker %s reports a lease of trainer %s without a trainer key it may hold: lease ended", _short(record.identity), _short(lessee))
+            log.warning(
+                "worker %s reports a lease of trainer %s without a trainer key it may hold: lease ended",
+                _short(record.identity),
+                _short(lessee),
+            )
             self._send([record.identity, *pack(m.make(m.CLOSE, 0))])
             return
         if lessee in self.trainers and self.trainer_keys.get(lessee) != bound:
-            log.warning("worker %s reports trainer %s with another key than its other workers: lease ended", _short(record.identity), _short(lessee))
+            log.warning(
+                "worker %s reports trainer %s with another key than its other workers: lease ended",
+                _short(record.identity),
+                _short(lessee),
+            )
             self._send([record.identity, *pack(m.make(m.CLOSE, 0))])  # its workers disagree on the key: one lies
             return
-        log.info("worker %s serves trainer %s's lease from before this broker started: kept", _short(record.identity), _short(lessee))
+        log.info(
+            "worker %s serves trainer %s's lease from before this broker started: kept",
+            _short(record.identity),
+            _short(lessee),
+        )
         record.lessee, record.lease, record.joined = lessee, lease, True
         self.trainers.setdefault(lessee, time.monotonic())
         self.trainer_keys[lessee] = bound
@@ -307,8 +338,16 @@ class Broker:
             now = time.monotonic()
             workers = [
                 # Ids are cut short: a peer that knew a trainer's whole identity could speak for it.
-                {"id": _short(r.identity), "host": r.host, "pid": r.pid, "slots": r.slots, "leased_to": _short(r.lessee) if r.lessee else None,
-                 "silent_s": round(now - r.last_seen, 1), "steps": r.steps, "steps_per_s": round(r.steps_per_s, 1)}
+                {
+                    "id": _short(r.identity),
+                    "host": r.host,
+                    "pid": r.pid,
+                    "slots": r.slots,
+                    "leased_to": _short(r.lessee) if r.lessee else None,
+                    "silent_s": round(now - r.last_seen, 1),
+                    "steps": r.steps,
+                    "steps_per_s": round(r.steps_per_s, 1),
+                }
                 for r in self.workers.values()
             ]
             return m.make(m.RESULT, rid, errors=[], workers=workers, trainers=len(self.trainers))
@@ -323,7 +362,9 @@ class Broker:
             free = self._free_workers(env_id)
             leased = [r for r in free if r.slots >= wanted][:1]
             if not leased:
-                raise RuntimeError(f"the farm has no free worker with {wanted} slots for {env_id!r} (free: {sorted(r.slots for r in free)})")
+                raise RuntimeError(
+                    f"the farm has no free worker with {wanted} slots for {env_id!r} (free: {sorted(r.slots for r in free)})"
+                )
         else:
             self._release(trainer)
             free, leased = self._free_workers(env_id), []
@@ -335,16 +376,32 @@ class Broker:
             if wanted > 0:
                 others = sum(r.slots for r in self._free_workers()) - sum(r.slots for r in free)
                 besides = f" (and {others} for other env ids)" if others else ""
-                raise RuntimeError(f"the farm has {sum(r.slots for r in free)} free slots for {env_id!r}{besides}, {message['envs']} were asked for")
+                raise RuntimeError(
+                    f"the farm has {sum(r.slots for r in free)} free slots for {env_id!r}{besides}, {message['envs']} were asked for"
+                )
         for record in leased:
             record.lessee, record.lease, record.joined = trainer, secrets.token_hex(8), False
-            join = m.make(m.JOIN, 0, endpoint=endpoint, server_key=message["server_key"], lease=record.lease, trainer=trainer, trainer_key=key)
+            join = m.make(
+                m.JOIN,
+                0,
+                endpoint=endpoint,
+                server_key=message["server_key"],
+                lease=record.lease,
+                trainer=trainer,
+                trainer_key=key,
+            )
             self._send([record.identity, *pack(join)])
         self.trainers[trainer] = time.monotonic()
         self.trainer_keys[trainer] = key  # the lease binds the identity to this key
         self.counts["restarts" if message.get("add") else "leases"] += 1
-        log.info("trainer %s leased %s for %d envs of %s%s", _short(trainer), ", ".join(f"{_short(r.identity)} ({r.host}, {r.slots} slots)" for r in leased),
-                 message["envs"], env_id, " (a replacement)" if message.get("add") else "")
+        log.info(
+            "trainer %s leased %s for %d envs of %s%s",
+            _short(trainer),
+            ", ".join(f"{_short(r.identity)} ({r.host}, {r.slots} slots)" for r in leased),
+            message["envs"],
+            env_id,
+            " (a replacement)" if message.get("add") else "",
+        )
         workers = [[r.identity, r.slots, r.host, r.pid, r.key] for r in leased]
         return m.make(m.LEASED, message["rid"], workers=workers, dead_after=self.dead_after)
 
@@ -353,8 +410,10 @@ class Broker:
         out) and, given `env_id`, that allow it."""
         heard_since = time.monotonic() - _FRESH_HEARTBEATS * m.HEARTBEAT_INTERVAL
         return [
-            r for r in self.workers.values()
-            if r.lessee is None and r.last_seen >= heard_since
+            r
+            for r in self.workers.values()
+            if r.lessee is None
+            and r.last_seen >= heard_since
             and (env_id is None or r.allows is None or r.allows.match(env_id) is not None)
         ]
 

@@ -16,8 +16,8 @@ from gymnasium import Env
 from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode
 
-from envfarm.protocol import spaces as space_codec
 from envfarm.protocol import infos as info_codec
+from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo
 
 EnvErrors = list[list]  # [[global env index, error data], ...]
@@ -46,7 +46,8 @@ class HostedEnvs:
         """Keeps observations and results in arrays of this process; they travel in the replies."""
         count = len(self.envs)
         self.obs_rows: list[np.ndarray | None] = [
-            np.zeros((count, *leaf.shape), leaf.dtype) if space_codec.is_fixed(leaf) else None for leaf in self.leaf_spaces
+            np.zeros((count, *leaf.shape), leaf.dtype) if space_codec.is_fixed(leaf) else None
+            for leaf in self.leaf_spaces
         ]
         self.action_rows: list[np.ndarray | None] = [None] * len(space_codec.leaves(self.envs[0].action_space))
         self.rewards = np.zeros(count, np.float64)
@@ -68,8 +69,10 @@ class HostedEnvs:
                 if getattr(value, "shape", None) != rows.shape[1:] and np.shape(value) != rows.shape[1:]:
                     # Numpy would store None as NaN, or broadcast a scalar over the row; SyncVectorEnv's
                     # batching refuses both with this error.
-                    raise ValueError(f"all input arrays must have the same shape: env {self.env_ids[i]} returned an observation "
-                                     f"of shape {np.shape(value)} ({type(value).__name__}), its space's shape is {rows.shape[1:]}")
+                    raise ValueError(
+                        f"all input arrays must have the same shape: env {self.env_ids[i]} returned an observation "
+                        f"of shape {np.shape(value)} ({type(value).__name__}), its space's shape is {rows.shape[1:]}"
+                    )
                 rows[i] = value
             else:
                 values[i] = value
@@ -77,7 +80,10 @@ class HostedEnvs:
     def _action(self, action_leaves: list[Any], row: int, i: int) -> Any:
         """Env i's action: row `row` of a leaf sent in the message, or row i of the shared one (None)."""
         if self._nested_action:
-            return space_codec.join(self._action_space, (shared[i] if leaf is None else leaf[row] for leaf, shared in zip(action_leaves, self.action_rows)))
+            return space_codec.join(
+                self._action_space,
+                (shared[i] if leaf is None else leaf[row] for leaf, shared in zip(action_leaves, self.action_rows)),
+            )
         leaf = action_leaves[0]
         return self.action_rows[0][i] if leaf is None else leaf[row]
 
@@ -119,7 +125,12 @@ class HostedEnvs:
                 self._error(errors, i, exc)
                 info = {}
             infos.append(info)
-        return {"envs": list(env_ids), "obs": self._obs_payload(local, positions), "infos": info_codec.batch(infos), "errors": errors}
+        return {
+            "envs": list(env_ids),
+            "obs": self._obs_payload(local, positions),
+            "infos": info_codec.batch(infos),
+            "errors": errors,
+        }
 
     def step(self, env_ids: Sequence[int], action_leaves: list[Any]) -> dict[str, Any]:
         """Steps the envs `env_ids` (all or some of this worker's); row j of each action leaf is env_ids[j]'s."""

@@ -56,7 +56,11 @@ class BrokerCollector(Collector):
             ("slots", "Envs the registered workers host at most", sum(w.slots for w in workers)),
             ("slots_free", "Envs the unleased workers host at most", sum(w.slots for w in workers if w.lessee is None)),
             ("trainers", "Trainers holding a lease", len(self.broker.trainers)),
-            ("env_steps_per_second", "Env steps per second over the workers' last heartbeats", sum(w.steps_per_s for w in workers)),
+            (
+                "env_steps_per_second",
+                "Env steps per second over the workers' last heartbeats",
+                sum(w.steps_per_s for w in workers),
+            ),
         ]
         for name, help_text, value in gauges:
             yield GaugeMetricFamily(f"envfarm_{name}", help_text, value=value)

@@ -14,12 +14,12 @@ import cloudpickle
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 
-from envfarm.transport import channel as shm_channel
-from envfarm.transport import segments
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.server.hosted_envs import HostedEnvs
+from envfarm.transport import channel as shm_channel
+from envfarm.transport import segments
 
 
 class RequestHandler:
@@ -94,7 +94,9 @@ class RequestHandler:
         if self.trusted:
             return
         if ":" in env_id:
-            raise ProtocolError(f"refused env id {env_id!r:.80}: 'module:Env' ids import code, which needs a trusted link")
+            raise ProtocolError(
+                f"refused env id {env_id!r:.80}: 'module:Env' ids import code, which needs a trusted link"
+            )
         if self.allow is None:
             if env_id not in gym.registry:
                 raise ProtocolError(f"env id {env_id!r:.80} is not registered on this worker")
@@ -134,7 +136,9 @@ class RequestHandler:
             segment, reason = segments.attach(message["channel"])
             if segment is not None:
                 self.channel_segment = segment
-                self.channel = shm_channel.WorkerEnd(memoryview(segment), message["channel"], message["channel"].get("spin", 0.0))
+                self.channel = shm_channel.WorkerEnd(
+                    memoryview(segment), message["channel"], message["channel"].get("spin", 0.0)
+                )
                 channel_ok = True
             reasons.append(reason)
         return {"obs": obs_ok, "channel": channel_ok, "reason": "; ".join(r for r in reasons if r)}

@@ -26,23 +26,24 @@ import time
 from typing import Any, Sequence
 
 import zmq
+from threadpoolctl import threadpool_limits
 from zmq.utils import monitor as zmq_monitor
 
-from threadpoolctl import threadpool_limits
-
-from envfarm.transport import channel as shm_channel
-from envfarm.transport.curve import KeyPair, load_key_pair, load_public_key, secure_client
-from envfarm.transport.sockets import keep_alive, zmtp_heartbeats
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
 from envfarm.server.requests import RequestHandler
+from envfarm.transport import channel as shm_channel
+from envfarm.transport.curve import KeyPair, load_key_pair, load_public_key, secure_client
+from envfarm.transport.sockets import keep_alive, zmtp_heartbeats
 
 _PR_SET_PDEATHSIG = 1
 log = logging.getLogger("envfarm.worker")
 BROKER_GRACE = 10.0  # seconds out of the broker's reach before an idle farm worker says it is unhealthy
 LOG_FORMAT = "%(asctime)s %(name)s %(process)d %(levelname)s %(message)s"
-RESEND_AFTER = 2 * m.HEARTBEAT_INTERVAL  # seconds a reply may be on its way before a probe asking for it has it sent again
+RESEND_AFTER = (
+    2 * m.HEARTBEAT_INTERVAL
+)  # seconds a reply may be on its way before a probe asking for it has it sent again
 
 
 def die_with_parent(parent_pid: int, is_parent: bool = True) -> None:
@@ -116,7 +117,11 @@ def run_farm_workers(
 
     def new_child(i: int) -> multiprocessing.Process:
         own_file = None if alive_file is None else f"{alive_file}.{i}"
-        return context.Process(target=_serve_farm_child, args=(broker, slots, allow, keys, own_file, broker_grace, os.getpid()), daemon=True)
+        return context.Process(
+            target=_serve_farm_child,
+            args=(broker, slots, allow, keys, own_file, broker_grace, os.getpid()),
+            daemon=True,
+        )
 
     children = [new_child(i) for i in range(processes)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `docker stop`: the children go too (PDEATHSIG)
@@ -139,16 +144,31 @@ def run_farm_workers(
             child.join(5)
 
 
-def _serve_farm(broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None, broker_grace: float) -> None:
+def _serve_farm(
+    broker: str,
+    slots: int,
+    allow: Sequence[str] | None,
+    keys: tuple[KeyPair, bytes] | None,
+    alive_file: str | None,
+    broker_grace: float,
+) -> None:
     limit_threads()
     FarmWorker(broker, m.WORKER_PREFIX + os.urandom(15), slots, allow, keys, alive_file, broker_grace).serve()
 
 
 def _serve_farm_child(
-    broker: str, slots: int, allow: Sequence[str] | None, keys: tuple[KeyPair, bytes] | None, alive_file: str | None, broker_grace: float, parent_pid: int
+    broker: str,
+    slots: int,
+    allow: Sequence[str] | None,
+    keys: tuple[KeyPair, bytes] | None,
+    alive_file: str | None,
+    broker_grace: float,
+    parent_pid: int,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the children
-    logging.basicConfig(level=os.environ.get("ENVFARM_LOG_LEVEL", "INFO"), format=LOG_FORMAT)  # a spawned child starts unconfigured
+    logging.basicConfig(
+        level=os.environ.get("ENVFARM_LOG_LEVEL", "INFO"), format=LOG_FORMAT
+    )  # a spawned child starts unconfigured
     die_with_parent(parent_pid)
     _serve_farm(broker, slots, allow, keys, alive_file, broker_grace)
 
@@ -175,7 +195,9 @@ class Worker:
         self.data: zmq.Socket | None = None
         self.requests_read = 0  # from the socket to the trainer: a farm worker's heartbeats say it
         self.probe_seen = 0  # the count in the last probe the trainer sent on that socket
-        self.last_reply: tuple[int, list, float] | None = None  # (rid, frames, when sent) of the last reply sent on that socket
+        self.last_reply: tuple[int, list, float] | None = (
+            None  # (rid, frames, when sent) of the last reply sent on that socket
+        )
         self.link = 0
         self.requests = RequestHandler(trusted=trusted, allow=allow)
         self.channel: shm_channel.WorkerEnd | None = None
@@ -268,7 +290,9 @@ class Worker:
         """The STEP a step record stands for: all this worker's envs, actions in shared memory."""
         envs = self.requests.envs
         if envs is None or not envs.in_shared_memory or any(rows is None for rows in envs.action_rows):
-            return ProtocolError("a step record needs the trainer's batch buffer attached, with every action leaf in it")
+            return ProtocolError(
+                "a step record needs the trainer's batch buffer attached, with every action leaf in it"
+            )
         return m.make(m.STEP, rid, envs=envs.env_ids, actions=[None] * len(envs.action_rows))
 
     def from_socket(self) -> dict[str, Any] | ProtocolError | None:
@@ -312,8 +336,14 @@ class FarmWorker(Worker):
     """
 
     def __init__(
-        self, broker: str, identity: bytes, slots: int, allow: Sequence[str] | None, curve: tuple[KeyPair, bytes] | None,
-        alive_file: str | None = None, broker_grace: float = BROKER_GRACE,
+        self,
+        broker: str,
+        identity: bytes,
+        slots: int,
+        allow: Sequence[str] | None,
+        curve: tuple[KeyPair, bytes] | None,
+        alive_file: str | None = None,
+        broker_grace: float = BROKER_GRACE,
     ):
         super().__init__(identity, trusted=False, allow=allow)
         self.curve = curve
@@ -332,7 +362,15 @@ class FarmWorker(Worker):
         self.warned_of_broker = False
         self.control.connect(broker)
         # "steps": env steps served, for `envfarm status`
-        self.registration = {**self.hello, "slots": slots, "allow": list(allow) if allow is not None else None, "lease": None, "lessee": None, "trainer_key": None, "steps": 0}
+        self.registration = {
+            **self.hello,
+            "slots": slots,
+            "allow": list(allow) if allow is not None else None,
+            "lease": None,
+            "lessee": None,
+            "trainer_key": None,
+            "steps": 0,
+        }
         self.slots = slots
         self.broker = broker
         self.next_heartbeat = 0.0
@@ -390,8 +428,16 @@ class FarmWorker(Worker):
             elif event == zmq.EVENT_DISCONNECTED and self.broker_lost_at is None:
                 log.warning("broker %s lost; reconnecting", self.broker)
                 self.broker_lost_at = time.monotonic()
-        if self.broker_lost_at is not None and time.monotonic() - self.broker_lost_at >= self.broker_grace and not self.warned_of_broker:
-            log.error("broker %s out of reach for %g s; this worker gets no lease until it is back (health: unhealthy)", self.broker, self.broker_grace)
+        if (
+            self.broker_lost_at is not None
+            and time.monotonic() - self.broker_lost_at >= self.broker_grace
+            and not self.warned_of_broker
+        ):
+            log.error(
+                "broker %s out of reach for %g s; this worker gets no lease until it is back (health: unhealthy)",
+                self.broker,
+                self.broker_grace,
+            )
             self.warned_of_broker = True
         elif self.broker_lost_at is None:
             self.warned_of_broker = False
@@ -422,9 +468,22 @@ class FarmWorker(Worker):
 
     def serve_one(self, message: dict[str, Any] | ProtocolError | None) -> None:
         envs = message.get("envs") if isinstance(message, dict) else None
-        if isinstance(message, dict) and message.get("kind") == m.CREATE and isinstance(envs, list) and len(envs) > self.slots:
-            refusal = ProtocolError(f"CREATE asks for {len(envs)} envs; this worker hosts at most {self.slots} (--slots)")
-            self.send(m.make(m.ERROR, message["rid"] if type(message.get("rid")) is int else 0, error=ErrorInfo.from_exception(refusal).to_data()))
+        if (
+            isinstance(message, dict)
+            and message.get("kind") == m.CREATE
+            and isinstance(envs, list)
+            and len(envs) > self.slots
+        ):
+            refusal = ProtocolError(
+                f"CREATE asks for {len(envs)} envs; this worker hosts at most {self.slots} (--slots)"
+            )
+            self.send(
+                m.make(
+                    m.ERROR,
+                    message["rid"] if type(message.get("rid")) is int else 0,
+                    error=ErrorInfo.from_exception(refusal).to_data(),
+                )
+            )
             return
         if isinstance(message, dict) and message.get("kind") == m.STEP and isinstance(envs, list):
             self.registration["steps"] += len(envs)
@@ -450,7 +509,11 @@ class FarmWorker(Worker):
                 return
             log.info("lease %s: serving trainer %s at %s", message["lease"], message["trainer"].hex()[:12], endpoint)
             trainer_key = message.get("trainer_key")
-            self.registration.update(lease=message["lease"], lessee=message["trainer"], trainer_key=trainer_key if isinstance(trainer_key, str) else None)
+            self.registration.update(
+                lease=message["lease"],
+                lessee=message["trainer"],
+                trainer_key=trainer_key if isinstance(trainer_key, str) else None,
+            )
             self.next_heartbeat = 0.0
 
 
@@ -460,7 +523,12 @@ def reachable(endpoint: str, broker: str) -> str:
     (one that reaches the broker by a routable address) finds it at the broker's address."""
     trainer_host, _, port = endpoint[len("tcp://") :].rpartition(":")
     broker_host = broker[len("tcp://") :].rpartition(":")[0] if broker.startswith("tcp://") else ""
-    if not endpoint.startswith("tcp://") or not broker_host or not _is_loopback(trainer_host) or _is_loopback(broker_host):
+    if (
+        not endpoint.startswith("tcp://")
+        or not broker_host
+        or not _is_loopback(trainer_host)
+        or _is_loopback(broker_host)
+    ):
         return endpoint
     return f"tcp://{broker_host}:{port}"
 
@@ -498,7 +566,9 @@ class _TrainerHeartbeat(threading.Thread):
                 self.worker.touch_alive_file()
                 probe_seen = self.worker.probe_seen  # first: requests_read then is at least the count it carries
                 try:  # a trainer that does not read (its queue is full) misses one: it is the one to notice
-                    socket_.send(m.worker_heartbeat(self.worker.link, self.worker.requests_read, probe_seen), zmq.NOBLOCK)
+                    socket_.send(
+                        m.worker_heartbeat(self.worker.link, self.worker.requests_read, probe_seen), zmq.NOBLOCK
+                    )
                 except zmq.Again:
                     pass
                 if self._stopped.wait(m.HEARTBEAT_INTERVAL):

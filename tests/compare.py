@@ -19,7 +19,9 @@ def assert_same(expected: Any, actual: Any, path: str = "") -> None:
             np.testing.assert_array_equal(actual, expected, err_msg=path)
     elif isinstance(expected, dict):
         assert isinstance(actual, dict), f"{path}: expected dict, got {type(actual).__name__}"
-        assert list(expected) == list(actual) or set(expected) == set(actual), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+        assert list(expected) == list(actual) or set(expected) == set(actual), (
+            f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+        )
         for key in expected:
             assert_same(expected[key], actual[key], f"{path}.{key}")
     elif isinstance(expected, (tuple, list)):

@@ -53,10 +53,22 @@ def workers_of(broker: Broker, commands: list[list[str]]) -> Iterator[list[subpr
 
 
 @contextlib.contextmanager
-def start_farm(workers: int, slots: int, *worker_options: str, **broker_options: Any) -> Iterator[tuple[Broker, list[subprocess.Popen]]]:
+def start_farm(
+    workers: int, slots: int, *worker_options: str, **broker_options: Any
+) -> Iterator[tuple[Broker, list[subprocess.Popen]]]:
     """A broker on 127.0.0.1 and `workers` local worker processes of `slots` slots each."""
     with running_broker(**broker_options) as broker:
-        command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", str(slots), *worker_options]
+        command = [
+            sys.executable,
+            "-m",
+            "envfarm",
+            "worker",
+            "--broker",
+            broker.endpoint,
+            "--slots",
+            str(slots),
+            *worker_options,
+        ]
         with workers_of(broker, [command] * workers) as processes:
             yield broker, processes
 

@@ -31,8 +31,23 @@ def test_bench_writes_one_row_per_backend_env_and_num_envs(tmp_path):
 
 def test_bench_skips_missing_extras_with_a_message(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_missing_module", lambda names: names[0] if names else None)
-    code = main(["bench", "--quick", "--envs", "cartpole,pong", "--backends", "sync,envpool", "--steps", "50", "--out", str(tmp_path)])
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--envs",
+            "cartpole,pong",
+            "--backends",
+            "sync,envpool",
+            "--steps",
+            "50",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     report = json.loads((tmp_path / "bench.json").read_text())
     assert code == 0
     assert [(r["backend"], r["env_id"]) for r in report["results"]] == [("sync", "CartPole-v1")]
-    assert any(s.startswith("envpool:") for s in report["skipped"]) and any(s.startswith("ALE/Pong-v5:") for s in report["skipped"])
+    assert any(s.startswith("envpool:") for s in report["skipped"]) and any(
+        s.startswith("ALE/Pong-v5:") for s in report["skipped"]
+    )

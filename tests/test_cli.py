@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import subprocess
 import sys
+import time
 
 
 def envfarm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -52,11 +52,18 @@ def test_broker_and_worker_stop_on_sigterm_even_as_pid_1():
     import time
 
     pid_1 = ["unshare", "--pid", "--fork", "--kill-child"] if shutil.which("unshare") and os.geteuid() == 0 else []
-    broker = subprocess.Popen([*pid_1, sys.executable, "-m", "envfarm", "broker", "--bind", "tcp://127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+    broker = subprocess.Popen(
+        [*pid_1, sys.executable, "-m", "envfarm", "broker", "--bind", "tcp://127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     worker = None
     try:
         endpoint = broker.stderr.readline().split()[-1]
-        worker = subprocess.Popen([*pid_1, sys.executable, "-m", "envfarm", "worker", "--broker", endpoint, "--slots", "1"], stderr=subprocess.DEVNULL)
+        worker = subprocess.Popen(
+            [*pid_1, sys.executable, "-m", "envfarm", "worker", "--broker", endpoint, "--slots", "1"],
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(2.0)  # it registers
         for process in (worker, broker):
             target = _innermost(process.pid) if pid_1 else process.pid
@@ -85,11 +92,17 @@ def _innermost(pid: int) -> int:
 def test_broker_and_worker_log_registrations_and_leases():
     import envfarm
 
-    broker = subprocess.Popen([sys.executable, "-m", "envfarm", "broker", "--bind", "tcp://127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "envfarm", "broker", "--bind", "tcp://127.0.0.1:0"], stderr=subprocess.PIPE, text=True
+    )
     worker = None
     try:
         endpoint = broker.stderr.readline().split()[-1]
-        worker = subprocess.Popen([sys.executable, "-m", "envfarm", "worker", "--broker", endpoint, "--slots", "2"], stderr=subprocess.PIPE, text=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "envfarm", "worker", "--broker", endpoint, "--slots", "2"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(2.0)
         envfarm.make_vec("CartPole-v1", 2, broker=endpoint).close()
         time.sleep(1.0)
@@ -98,7 +111,14 @@ def test_broker_and_worker_log_registrations_and_leases():
             if process is not None:
                 process.terminate()
     broker_log, worker_log = broker.communicate(timeout=10)[1], worker.communicate(timeout=10)[1]
-    for expected in ("INFO worker", "registered: ", "2 slots", "leased", "for 2 envs of CartPole-v1", "released its workers"):
+    for expected in (
+        "INFO worker",
+        "registered: ",
+        "2 slots",
+        "leased",
+        "for 2 envs of CartPole-v1",
+        "released its workers",
+    ):
         assert expected in broker_log, broker_log
     for expected in ("INFO lease", "serving trainer", "ended"):
         assert expected in worker_log, worker_log

@@ -83,7 +83,9 @@ def test_a_known_key_is_admitted_at_once_while_strangers_wait_to_be_refused():
         server.receives(b"late", 1.5)
         late_took = time.monotonic() - start
         assert len(server.handler.parked) == 40  # the strangers wait still: they were not in the way
-        print(f"\nwith 40 strangers parked: a known key admitted in {known_took * 1000:.0f} ms, a late one {late_took * 1000:.0f} ms after admit")
+        print(
+            f"\nwith 40 strangers parked: a known key admitted in {known_took * 1000:.0f} ms, a late one {late_took * 1000:.0f} ms after admit"
+        )
 
         refused_after = wait_until(lambda: server.count_refused() == 40, 10, "40 strangers refused")
         assert not server.handler.parked
@@ -96,7 +98,7 @@ def test_a_known_key_is_admitted_at_once_while_strangers_wait_to_be_refused():
 def test_the_strangers_kept_waiting_are_bounded_and_the_others_refused_at_once():
     server = Server(wait=30.0, max_parked=8)
     try:
-        strangers = [server.client(zmq.curve_keypair()) for _ in range(20)]  # kept: a socket collected is closed
+        strangers = [server.client(zmq.curve_keypair()) for _ in range(20)]  # noqa: F841 (kept: a socket collected is closed)
         wait_until(lambda: server.count_refused() == 12, 5, "the 12 strangers beyond the bound refused")
         assert len(server.handler.parked) == 8
         known = zmq.curve_keypair()

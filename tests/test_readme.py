@@ -24,10 +24,14 @@ def test_a_readme_block_runs_as_a_script(block, tmp_path):
     script = tmp_path / "snippet.py"
     if "HEAD:5555" not in block:
         script.write_text(block)
-        result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         return
     with start_farm(3, 8) as (broker, _):  # 16 envs and a spare worker for on_failure="restart"
         script.write_text(block.replace("tcp://HEAD:5555", broker.endpoint))
-        result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr

@@ -38,9 +38,16 @@ class ScriptedEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
 
-    def __init__(self, obs: str = "box", act: str = "discrete", render_mode: str | None = None,
-                 fail_at_step: int | None = None, step_sleep: float = 0.0, crash_at_step: int | None = None,
-                 episode_length: tuple[int, int] = (3, 12)):
+    def __init__(
+        self,
+        obs: str = "box",
+        act: str = "discrete",
+        render_mode: str | None = None,
+        fail_at_step: int | None = None,
+        step_sleep: float = 0.0,
+        crash_at_step: int | None = None,
+        episode_length: tuple[int, int] = (3, 12),
+    ):
         self.observation_space = copy.deepcopy(OBSERVATION_SPACES[obs])  # each env samples with its own RNG
         self.action_space = copy.deepcopy(ACTION_SPACES[act])
         self.render_mode = render_mode

@@ -163,10 +163,14 @@ class TrainerChannels:
     def size(num_workers: int, request_capacity: int, reply_capacity: int) -> int:
         return _layout(num_workers, request_capacity, reply_capacity)[1]
 
-    def __init__(self, segment: Segment, num_workers: int, request_capacity: int, reply_capacity: int, spin_seconds: float):
+    def __init__(
+        self, segment: Segment, num_workers: int, request_capacity: int, reply_capacity: int, spin_seconds: float
+    ):
         slots, size = _layout(num_workers, request_capacity, reply_capacity)
         if segment.size < size:
-            raise ValueError(f"the channels of {num_workers} workers need a segment of {size} bytes, got {segment.size}")
+            raise ValueError(
+                f"the channels of {num_workers} workers need a segment of {size} bytes, got {segment.size}"
+            )
         self.segment = segment
         buffer = memoryview(segment.buffer)
         self.slots = slots
@@ -179,8 +183,10 @@ class TrainerChannels:
     def descriptor(self, worker: int) -> dict:
         request, reply = self.slots[worker]
         return {
-            **self.segment.descriptor(), "worker": worker,
-            "request": [request, self.requests[worker].capacity], "reply": [reply, self.replies[worker].capacity],
+            **self.segment.descriptor(),
+            "worker": worker,
+            "request": [request, self.requests[worker].capacity],
+            "reply": [reply, self.replies[worker].capacity],
         }
 
     def send(self, worker: int, frames: Sequence[bytes | memoryview]) -> bool:

@@ -156,7 +156,12 @@ class ZapHandler:
 
 
 def secure_server(
-    context: zmq.Context, socket: zmq.Socket, keys: KeyPair, clients: str | Callable[[bytes], bool], *, wait: float = 2.0
+    context: zmq.Context,
+    socket: zmq.Socket,
+    keys: KeyPair,
+    clients: str | Callable[[bytes], bool],
+    *,
+    wait: float = 2.0,
 ) -> ThreadAuthenticator | ZapHandler:
     """A bound socket: encrypts with `keys` and admits only the client keys listed in the directory
     `clients`, or those for which `clients(z85 key)` is true; a key `clients` refuses is looked at
@@ -191,7 +196,9 @@ def load_roles(directory: str) -> dict[str, frozenset[str]] | None:
     if not present:
         return None
     if zmq.auth.load_certificates(directory):
-        raise ValueError(f"{directory} has role subdirectories ({', '.join(present)}) and keys of its own: move each key into the directory of its role")
+        raise ValueError(
+            f"{directory} has role subdirectories ({', '.join(present)}) and keys of its own: move each key into the directory of its role"
+        )
     roles: dict[str, set[str]] = {}
     for role in present:
         for key in zmq.auth.load_certificates(os.path.join(directory, role)):

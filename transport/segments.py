@@ -76,7 +76,9 @@ class Segment:
 def attach(descriptor: dict[str, Any]) -> tuple[mmap.mmap | None, str]:
     """Maps the segment a descriptor names if its nonce matches; else (None, why not)."""
     name, nonce, size = descriptor.get("name"), descriptor.get("nonce"), descriptor.get("size")
-    if not (isinstance(name, str) and _NAME.match(name) and isinstance(nonce, bytes) and isinstance(size, int) and size >= 0):
+    if not (
+        isinstance(name, str) and _NAME.match(name) and isinstance(nonce, bytes) and isinstance(size, int) and size >= 0
+    ):
         return None, "malformed shared-memory descriptor"
     try:
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)

@@ -51,7 +51,9 @@ def remove_host() -> None:
 
 def remote(command: str) -> subprocess.Popen:
     """Runs a shell command on the worker host, with a /dev/shm of its own."""
-    return subprocess.Popen(["ip", "netns", "exec", NS, "unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs /dev/shm && exec {command}"])
+    return subprocess.Popen(
+        ["ip", "netns", "exec", NS, "unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs /dev/shm && exec {command}"]
+    )
 
 
 def steps_per_second(envs, seconds: float = 3.0) -> float:
@@ -74,7 +76,7 @@ def tcp_bandwidth(seconds: float = 3.0) -> float:
     port = pull.bind_to_random_port(f"tcp://{NET}.1")
     sender = remote(
         f"{sys.executable} -c \"import zmq; s = zmq.Context().socket(zmq.PUSH); s.connect('tcp://{NET}.1:{port}'); "
-        f"m = bytes(1 << 20)\nwhile True: s.send(m)\""
+        f'm = bytes(1 << 20)\nwhile True: s.send(m)"'
     )
     try:
         pull.recv()
@@ -91,7 +93,12 @@ def tcp_bandwidth(seconds: float = 3.0) -> float:
 
 def start_workers(broker: Broker, count: int) -> list[subprocess.Popen]:
     known = set(broker.workers)
-    workers = [remote(f"{sys.executable} -m envfarm worker --slots 8 --broker tcp://{NET}.1:{broker.endpoint.rsplit(':', 1)[1]}") for _ in range(count)]
+    workers = [
+        remote(
+            f"{sys.executable} -m envfarm worker --slots 8 --broker tcp://{NET}.1:{broker.endpoint.rsplit(':', 1)[1]}"
+        )
+        for _ in range(count)
+    ]
     while len(set(broker.workers) - known) < count:
         time.sleep(0.1)
     return workers
@@ -156,9 +163,11 @@ def request_reply_bandwidth(peers: int, reply_bytes: int, seconds: float = 3.0) 
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     port = router.bind_to_random_port(f"tcp://{NET}.1")
-    code = (f"import zmq; s = zmq.Context().socket(zmq.DEALER); s.connect('tcp://{NET}.1:{port}'); s.send(b'hi'); "
-            f"m = bytes({reply_bytes})\nwhile True: s.recv(); s.send(m)")
-    repliers = [remote(f"{sys.executable} -c \"{code}\"") for _ in range(peers)]
+    code = (
+        f"import zmq; s = zmq.Context().socket(zmq.DEALER); s.connect('tcp://{NET}.1:{port}'); s.send(b'hi'); "
+        f"m = bytes({reply_bytes})\nwhile True: s.recv(); s.send(m)"
+    )
+    repliers = [remote(f'{sys.executable} -c "{code}"') for _ in range(peers)]
     try:
         identities = [router.recv_multipart()[0] for _ in range(peers)]
         start, received = time.perf_counter(), 0
@@ -199,31 +208,49 @@ def main() -> None:
             remote_envs.close()
             ratios.append(remote_rate / local_rate)
             ipc_ratios.append(remote_rate / ipc_rate)
-            images = envfarm.make_vec(SYNTHETIC_ID, 16, broker=farm, env_kwargs={"step_cost_us": 0, "obs_shape": (84, 84, 3)})
+            images = envfarm.make_vec(
+                SYNTHETIC_ID, 16, broker=farm, env_kwargs={"step_cost_us": 0, "obs_shape": (84, 84, 3)}
+            )
             image_rates.append(steps_per_second(images) * 84 * 84 * 3)
             images.close()
-            print(f"CartPole x16: remote tcp {remote_rate:,.0f} steps/s; local ipc {ipc_rate:,.0f}: {ipc_ratios[-1]:.2f}x; "
-                  f"local default (shared memory) {local_rate:,.0f}: {ratios[-1]:.2f}x", flush=True)
+            print(
+                f"CartPole x16: remote tcp {remote_rate:,.0f} steps/s; local ipc {ipc_rate:,.0f}: {ipc_ratios[-1]:.2f}x; "
+                f"local default (shared memory) {local_rate:,.0f}: {ratios[-1]:.2f}x",
+                flush=True,
+            )
         bandwidth = tcp_bandwidth()
         request_reply = request_reply_bandwidth(2, 8 * 84 * 84 * 3)
-        print(f"median remote tcp / local ipc, CartPole x16: {np.median(ipc_ratios):.2f}x; / local default: {np.median(ratios):.2f}x")
-        print(f"84x84x3 observations, 16 envs on 2 workers: {np.median(image_rates) / 1e6:,.1f} MB/s; raw ZeroMQ tcp stream: "
-              f"{bandwidth / 1e6:,.1f} MB/s ({np.median(image_rates) / bandwidth:.2f}x); raw ZeroMQ request-reply of the same "
-              f"shape (2 peers, 8 frames' bytes each): {request_reply / 1e6:,.1f} MB/s ({np.median(image_rates) / request_reply:.2f}x)", flush=True)
+        print(
+            f"median remote tcp / local ipc, CartPole x16: {np.median(ipc_ratios):.2f}x; / local default: {np.median(ratios):.2f}x"
+        )
+        print(
+            f"84x84x3 observations, 16 envs on 2 workers: {np.median(image_rates) / 1e6:,.1f} MB/s; raw ZeroMQ tcp stream: "
+            f"{bandwidth / 1e6:,.1f} MB/s ({np.median(image_rates) / bandwidth:.2f}x); raw ZeroMQ request-reply of the same "
+            f"shape (2 peers, 8 frames' bytes each): {request_reply / 1e6:,.1f} MB/s ({np.median(image_rates) / request_reply:.2f}x)",
+            flush=True,
+        )
 
         for fault in (signal.SIGKILL, signal.SIGSTOP):
             stop(workers, broker)
             workers = start_workers(broker, 1)
             seconds = time_to_error(envfarm.make_vec("CartPole-v1", 8, broker=farm), fault)
-            print(f"{fault.name} of a remote worker: WorkerDiedError after {seconds:.2f} s (dead_after {broker.dead_after:g} s)", flush=True)
+            print(
+                f"{fault.name} of a remote worker: WorkerDiedError after {seconds:.2f} s (dead_after {broker.dead_after:g} s)",
+                flush=True,
+            )
         stop(workers, broker)
         workers = start_workers(broker, 2)
         seconds = time_to_restart(envfarm.make_vec("CartPole-v1", 8, broker=farm, on_failure="restart"))
-        print(f"SIGKILL with on_failure='restart': envs rebuilt on the spare worker, reported {seconds:.2f} s after the kill", flush=True)
+        print(
+            f"SIGKILL with on_failure='restart': envs rebuilt on the spare worker, reported {seconds:.2f} s after the kill",
+            flush=True,
+        )
         stop(workers, broker)
         workers = start_workers(broker, 1)
         slowest, broker, thread = slowest_step_through_a_broker_restart(broker, farm)
-        print(f"broker stopped and restarted 1 s later, mid-run: slowest step {slowest * 1000:.1f} ms over 8 s of steps")
+        print(
+            f"broker stopped and restarted 1 s later, mid-run: slowest step {slowest * 1000:.1f} ms over 8 s of steps"
+        )
     finally:
         stop(workers)
         broker.stop()

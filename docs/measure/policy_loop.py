@@ -64,7 +64,11 @@ def main() -> None:
         for _ in range(repeats):
             for name in results:
                 SpinPolicy.spin_for = (lambda self: self.budget) if name.endswith("spinning") else adaptive
-                envs = gym.make_vec(env_id, num_envs, vectorization_mode="sync") if name == "sync" else envfarm.make_vec(env_id, num_envs)
+                envs = (
+                    gym.make_vec(env_id, num_envs, vectorization_mode="sync")
+                    if name == "sync"
+                    else envfarm.make_vec(env_id, num_envs)
+                )
                 try:
                     results[name].append(run(envs, policy_us, steps))
                 finally:
@@ -73,7 +77,9 @@ def main() -> None:
         anchor = np.median([sps for sps, _ in results["sync"]])
         for name, values in results.items():
             sps, cpu = np.median([v[0] for v in values]), np.median([v[1] for v in values])
-            print(f"{env_id} x{num_envs}, policy {policy_us} us: {name}: {sps / anchor:.2f}x sync ({sps:.0f} steps/s), {cpu:.0f} us CPU per env step")
+            print(
+                f"{env_id} x{num_envs}, policy {policy_us} us: {name}: {sps / anchor:.2f}x sync ({sps:.0f} steps/s), {cpu:.0f} us CPU per env step"
+            )
 
 
 if __name__ == "__main__":

@@ -43,4 +43,6 @@ if __name__ == "__main__":
             ratios[budget].append(steps_per_second(envs) / anchor)
             envs.close()
     for (worker, trainer), values in ratios.items():
-        print(f"{env_id} x{num_envs}: worker spin {worker * 1e6:.0f} us, trainer spin {trainer * 1e6:.0f} us: {np.median(values):.2f}x sync")
+        print(
+            f"{env_id} x{num_envs}: worker spin {worker * 1e6:.0f} us, trainer spin {trainer * 1e6:.0f} us: {np.median(values):.2f}x sync"
+        )

@@ -50,7 +50,9 @@ def overhead_against_pipe() -> None:
         results["envfarm"].append((time.perf_counter() - start) / n * 1e6)
         envs.close()
     pipe, farm = np.median(results["pipe"]), np.median(results["envfarm"])
-    print(f"overhead per vector step (trivial env, 2 workers): {farm:.1f} us; Pipe round trip {pipe:.1f} us; ratio {farm / pipe:.2f}")
+    print(
+        f"overhead per vector step (trivial env, 2 workers): {farm:.1f} us; Pipe round trip {pipe:.1f} us; ratio {farm / pipe:.2f}"
+    )
 
 
 def make_cartpole() -> gym.Env:
@@ -88,7 +90,9 @@ def memory_over_a_million_steps() -> None:
     for i in range(62_500):
         envs.step(actions[i % 64])
         if i + 1 in (6_250, 62_500):
-            print(f"after {16 * (i + 1):>9,} steps: trainer RSS {rss_mib(os.getpid()):.1f} MiB, workers {[round(rss_mib(p), 1) for p in pids]} MiB")
+            print(
+                f"after {16 * (i + 1):>9,} steps: trainer RSS {rss_mib(os.getpid()):.1f} MiB, workers {[round(rss_mib(p), 1) for p in pids]} MiB"
+            )
     envs.close()
 
 

@@ -103,11 +103,15 @@ class EnvfarmVecEnv(VecEnv):
     ) -> None:
         mode = AutoresetMode(make_vec_kwargs.pop("autoreset_mode", AutoresetMode.SAME_STEP))
         if mode != AutoresetMode.SAME_STEP:
-            raise ValueError(f"SB3 resets an env in the step that ends its episode: autoreset_mode must be SAME_STEP, got {mode.value}")
+            raise ValueError(
+                f"SB3 resets an env in the step that ends its episode: autoreset_mode must be SAME_STEP, got {mode.value}"
+            )
         self.is_farm = make_vec_kwargs.get("broker") is not None
         if not self.is_farm:
             wrappers = [*(wrappers or []), _Hooks]
-        self.farm = envfarm.make_vec(env_id, num_envs, env_kwargs=env_kwargs, wrappers=wrappers, autoreset_mode=mode, **make_vec_kwargs)
+        self.farm = envfarm.make_vec(
+            env_id, num_envs, env_kwargs=env_kwargs, wrappers=wrappers, autoreset_mode=mode, **make_vec_kwargs
+        )
         try:
             if not self.is_farm:
                 self.farm.set_attr("_envfarm_sb3_index", list(range(num_envs)))
@@ -165,7 +169,10 @@ class EnvfarmVecEnv(VecEnv):
 
     def get_images(self) -> Sequence[np.ndarray | None]:
         if self.render_mode != "rgb_array":
-            warnings.warn(f"The render mode is {self.render_mode}, but this method assumes it is `rgb_array` to obtain images.")
+            warnings.warn(
+                f"The render mode is {self.render_mode}, but this method assumes it is `rgb_array` to obtain images.",
+                stacklevel=2,
+            )
             return [None for _ in range(self.num_envs)]
         return list(self.farm.render())
 
@@ -187,7 +194,9 @@ class EnvfarmVecEnv(VecEnv):
         else:
             self._hook("set_attr", indices, attr_name, value)
 
-    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
         if self.is_farm:
             values = self.farm.call(method_name, *method_args, **method_kwargs)
             return [values[i] for i in self._all_on_farm("env_method", indices)]

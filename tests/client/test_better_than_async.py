@@ -21,7 +21,9 @@ def test_late_reply_after_timeout_is_dropped_not_returned_for_the_next_call():
     try:
         envs.reset()
         envs.step_async(np.zeros(2, dtype=np.int64))
-        with pytest.raises(multiprocessing.TimeoutError, match="The call to `step_wait` has timed out after 0.05 second"):
+        with pytest.raises(
+            multiprocessing.TimeoutError, match="The call to `step_wait` has timed out after 0.05 second"
+        ):
             envs.step_wait(timeout=0.05)
         obs, _, _, _, info = envs.step(np.zeros(2, dtype=np.int64))
         assert obs[:, 0].tolist() == [2.0, 2.0]  # this call's own result: the second step
@@ -72,7 +74,9 @@ def test_one_env_exception_leaves_the_others_running_and_a_reset_revives_it():
 def test_text_and_oneof_observations_update_with_shared_memory():
     # AsyncVectorEnv(shared_memory=True): Text/OneOf observations never change after reset.
     for space in ("text", "oneof", "dict"):
-        envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, obs=space, episode_length=(50, 60))] * 2, shared_memory=True)
+        envs = envfarm.FarmVectorEnv(
+            [functools.partial(ScriptedEnv, obs=space, episode_length=(50, 60))] * 2, shared_memory=True
+        )
         try:
             first, _ = envs.reset(seed=0)
             seen = [repr(first)] + [repr(envs.step(np.zeros(2, dtype=np.int64))[0]) for _ in range(5)]
@@ -83,7 +87,11 @@ def test_text_and_oneof_observations_update_with_shared_memory():
 
 def test_disabled_autoreset_refuses_to_step_a_finished_env():
     # SyncVectorEnv raises; AsyncVectorEnv steps the finished env anyway.
-    envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, episode_length=(2, 3))] * 3, autoreset_mode=AutoresetMode.DISABLED, num_workers=2)
+    envs = envfarm.FarmVectorEnv(
+        [functools.partial(ScriptedEnv, episode_length=(2, 3))] * 3,
+        autoreset_mode=AutoresetMode.DISABLED,
+        num_workers=2,
+    )
     try:
         envs.reset(seed=0)
         actions = np.zeros(3, dtype=np.int64)

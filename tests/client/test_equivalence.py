@@ -39,7 +39,11 @@ def run_side_by_side(env_fns, steps: int, mode: AutoresetMode, **farm_kwargs) ->
             if mode == AutoresetMode.DISABLED and ended.any():
                 seeds = [int(s) for s in rng.integers(1000, size=len(env_fns))]
                 options = {"reset_mask": ended}
-                assert_same(sync.reset(seed=seeds, options=dict(options)), farm.reset(seed=seeds, options=dict(options)), f"reset after {step}")
+                assert_same(
+                    sync.reset(seed=seeds, options=dict(options)),
+                    farm.reset(seed=seeds, options=dict(options)),
+                    f"reset after {step}",
+                )
         assert_same(sync.get_attr("np_random_seed"), farm.get_attr("np_random_seed"), "np_random_seed")
     finally:
         farm.close()

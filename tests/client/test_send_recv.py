@@ -33,7 +33,9 @@ def test_each_env_follows_its_sequential_trajectory(shared_memory, inline_worker
     num_envs, batch_size, seed = 6, 2, 7
     # Uneven step costs make envs come back in a varying order.
     fns = [functools.partial(ScriptedEnv, obs="box", step_sleep=0.002 * (i % 2)) for i in range(num_envs)]
-    envs = envfarm.FarmVectorEnv(fns, num_workers=3, batch_size=batch_size, shared_memory=shared_memory, inline_worker=inline_worker)
+    envs = envfarm.FarmVectorEnv(
+        fns, num_workers=3, batch_size=batch_size, shared_memory=shared_memory, inline_worker=inline_worker
+    )
     references = [gym.vector.SyncVectorEnv([fn]) for fn in fns]
     rng = np.random.default_rng(1)
     last_action: dict[int, np.ndarray] = {}

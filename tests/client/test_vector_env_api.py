@@ -19,7 +19,9 @@ import envfarm
 
 @pytest.fixture
 def envs():
-    envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, obs="dict", render_mode="rgb_array")] * 4, num_workers=2)
+    envs = envfarm.FarmVectorEnv(
+        [functools.partial(ScriptedEnv, obs="dict", render_mode="rgb_array")] * 4, num_workers=2
+    )
     yield envs
     envs.close()
 
@@ -88,7 +90,9 @@ def test_seeds_int_list_and_np_random_seed(envs):
 
 def test_pending_call_errors_match_gymnasium(envs):
     envs.reset_async(seed=0)
-    with pytest.raises(AlreadyPendingCallError, match="Calling `step_async` while waiting for a pending call to `reset` to complete."):
+    with pytest.raises(
+        AlreadyPendingCallError, match="Calling `step_async` while waiting for a pending call to `reset` to complete."
+    ):
         envs.step_async(np.zeros(4, dtype=np.int64))
     with pytest.raises(AlreadyPendingCallError, match="Calling `call_async` while waiting"):
         envs.call_async("render")
@@ -206,7 +210,9 @@ def test_structured_action_with_a_missing_key_is_a_clear_error():
 
 
 def test_inline_worker_serves_the_last_block_in_this_process():
-    envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, fail_at_step=2)] * 4, num_workers=2, inline_worker=True)
+    envs = envfarm.FarmVectorEnv(
+        [functools.partial(ScriptedEnv, fail_at_step=2)] * 4, num_workers=2, inline_worker=True
+    )
     try:
         assert len(envs.processes) == 1
         envs.reset(seed=0)
@@ -251,7 +257,9 @@ def test_an_observation_that_does_not_fit_its_space_is_an_error_as_under_sync(ob
     try:
         with pytest.raises(ValueError, match="all input arrays must have the same shape"):
             sync.reset(seed=0)
-        with pytest.raises(ValueError, match=r"all input arrays must have the same shape: env 1 returned an observation of shape"):
+        with pytest.raises(
+            ValueError, match=r"all input arrays must have the same shape: env 1 returned an observation of shape"
+        ):
             envs.reset(seed=0)
     finally:
         envs.close()
@@ -269,7 +277,10 @@ def test_torch_threads_beside_the_workers_are_warned_of_once(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", torch)
     monkeypatch.setattr(vector_env, "_warned_of_oversubscription", False)
     monkeypatch.setattr(vector_env, "available_cpus", lambda: 2)
-    with pytest.warns(UserWarning, match=r"torch uses 2 threads in this process beside 2 worker processes on 2 CPUs.*torch.set_num_threads\(1\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"torch uses 2 threads in this process beside 2 worker processes on 2 CPUs.*torch.set_num_threads\(1\)",
+    ):
         envfarm.make_vec("CartPole-v1", 2, num_workers=2).close()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -18,14 +18,19 @@ import envfarm
 from envfarm.status import query
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytestmark = pytest.mark.skipif(os.environ.get("ENVFARM_DOCKER_TESTS") != "1", reason="set ENVFARM_DOCKER_TESTS=1 to run the Docker tests")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("ENVFARM_DOCKER_TESTS") != "1", reason="set ENVFARM_DOCKER_TESTS=1 to run the Docker tests"
+)
 
 
 COMPOSE_COMMANDS = {"docker-compose": ["docker-compose"], "docker compose": ["docker", "compose"]}
 
 
 def compose_available(command: list[str]) -> bool:
-    return shutil.which(command[0]) is not None and subprocess.run([*command, "version"], capture_output=True).returncode == 0
+    return (
+        shutil.which(command[0]) is not None
+        and subprocess.run([*command, "version"], capture_output=True).returncode == 0
+    )
 
 
 @pytest.mark.parametrize("compose_command", COMPOSE_COMMANDS.values(), ids=COMPOSE_COMMANDS.keys())
@@ -35,8 +40,12 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
 
     def compose(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [*compose_command, "-p", project, *args], cwd=ROOT, env={**os.environ, **environment},
-            capture_output=True, text=True, timeout=600,
+            [*compose_command, "-p", project, *args],
+            cwd=ROOT,
+            env={**os.environ, **environment},
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
 
     base = subprocess.run([os.path.join(ROOT, "docker", "build-base.sh")], capture_output=True, text=True, timeout=900)
@@ -47,18 +56,40 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
     # The workers run as this user, so that the trainer here shares memory with them.
     # An image tag of its own: a test must not overwrite (or remove) the user's envfarm:latest.
     image = f"envfarm-test-{os.getpid()}:latest"
-    environment = {"ENVFARM_BASE": base.stdout.strip(), "ENVFARM_OFFLINE": "1", "ENVFARM_PORT": port, "ENVFARM_UID": str(os.getuid()), "ENVFARM_IMAGE": image}
+    environment = {
+        "ENVFARM_BASE": base.stdout.strip(),
+        "ENVFARM_OFFLINE": "1",
+        "ENVFARM_PORT": port,
+        "ENVFARM_UID": str(os.getuid()),
+        "ENVFARM_IMAGE": image,
+    }
     broker = f"tcp://127.0.0.1:{port}"
     try:
         built = compose("up", "-d", "--build", "--scale", "worker=2")
         assert built.returncode == 0, built.stderr[-2000:]
-        assert wait_until(lambda: _workers(broker) == 2, 60), "the workers did not register"  # one process per container's CPU
+        assert wait_until(lambda: _workers(broker) == 2, 60), (
+            "the workers did not register"
+        )  # one process per container's CPU
         containers = compose("ps", "-q", "worker").stdout.split()
-        assert wait_until(lambda: all(_health(c) == "healthy" for c in containers), 60), "the workers' health checks did not pass"
+        assert wait_until(lambda: all(_health(c) == "healthy" for c in containers), 60), (
+            "the workers' health checks did not pass"
+        )
         quota = subprocess.run(
-            ["docker", "run", "--rm", "--cpus", "1", "--entrypoint", "python3", image, "-c",
-             "import os; from envfarm.transport.cpus import available_cpus; print(available_cpus(), os.cpu_count())"],
-            capture_output=True, text=True, timeout=120,
+            [
+                "docker",
+                "run",
+                "--rm",
+                "--cpus",
+                "1",
+                "--entrypoint",
+                "python3",
+                image,
+                "-c",
+                "import os; from envfarm.transport.cpus import available_cpus; print(available_cpus(), os.cpu_count())",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert quota.stdout.split()[0] == "1", quota.stdout + quota.stderr  # the cgroup quota, not the host's cores
         envs = envfarm.make_vec("CartPole-v1", 4, broker=broker, on_failure="restart")
@@ -81,16 +112,33 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
     finally:
         down = compose("down", "-v", "--remove-orphans", "--rmi", "all")
         assert down.returncode == 0, down.stderr[-2000:]
-        subprocess.run(["docker", "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=envfarm"], capture_output=True)
-    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
-    networks = subprocess.run(["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
-    volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], capture_output=True, text=True)
+        subprocess.run(
+            ["docker", "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=envfarm"],
+            capture_output=True,
+        )
+    left = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+        capture_output=True,
+        text=True,
+    )
+    networks = subprocess.run(
+        ["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+        capture_output=True,
+        text=True,
+    )
+    volumes = subprocess.run(
+        ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+        capture_output=True,
+        text=True,
+    )
     images = subprocess.run(["docker", "images", "-q", image], capture_output=True, text=True)
     assert left.stdout.strip() == networks.stdout.strip() == volumes.stdout.strip() == images.stdout.strip() == ""
 
 
 def _health(container: str) -> str:
-    return subprocess.run(["docker", "inspect", "-f", "{{.State.Health.Status}}", container], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["docker", "inspect", "-f", "{{.State.Health.Status}}", container], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _workers(broker: str) -> int:

@@ -48,7 +48,11 @@ def test_kubernetes_manifest_matches_the_schema():
 def test_kubernetes_manifest_runs_valid_envfarm_commands():
     documents = {(d["kind"], d["metadata"]["name"]): d for d in kubernetes_documents()}
     port = documents["Service", "envfarm-broker"]["spec"]["ports"][0]["port"]
-    for workload in (("Deployment", "envfarm-broker"), ("Deployment", "envfarm-worker"), ("Job", "envfarm-trainer-example")):
+    for workload in (
+        ("Deployment", "envfarm-broker"),
+        ("Deployment", "envfarm-worker"),
+        ("Job", "envfarm-trainer-example"),
+    ):
         [container] = documents[workload]["spec"]["template"]["spec"]["containers"]
         parses(container["args"])
         for probe in ("livenessProbe", "readinessProbe"):
@@ -59,7 +63,9 @@ def test_kubernetes_manifest_runs_valid_envfarm_commands():
     worker = documents["Deployment", "envfarm-worker"]["spec"]["template"]["spec"]["containers"][0]
     args = build_parser().parse_args(worker["args"])
     assert args.broker == f"tcp://envfarm-broker:{port}" and args.processes == "auto"
-    assert worker["livenessProbe"]["exec"]["command"][2] == args.alive_file  # the probe reads the file the worker touches
+    assert (
+        worker["livenessProbe"]["exec"]["command"][2] == args.alive_file
+    )  # the probe reads the file the worker touches
     assert worker["resources"]["limits"]["cpu"]  # what --processes auto sizes itself from
 
 
@@ -83,7 +89,11 @@ def test_compose_files_match_the_compose_schema(path):
         checks.append(["docker-compose", "-f", path, "config", "-q"])
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         checks.append(["docker", "compose", "-f", path, "config", "-q"])
-    if shutil.which("docker") and path.endswith("swarm.yml") and subprocess.run(["docker", "stack", "config", "--help"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and path.endswith("swarm.yml")
+        and subprocess.run(["docker", "stack", "config", "--help"], capture_output=True).returncode == 0
+    ):
         checks.append(["docker", "stack", "config", "-c", path])
     if not checks:
         pytest.skip("none of docker-compose, `docker compose` and `docker stack config` is installed")
@@ -104,7 +114,9 @@ def test_kubernetes_manifest_meets_what_a_platform_engineer_checks():
             name = f"{document['metadata']['name']}/{container['name']}"
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], name
-            assert container["imagePullPolicy"] == "IfNotPresent", name  # a ':latest' tag is otherwise pulled at every start
+            assert container["imagePullPolicy"] == "IfNotPresent", (
+                name
+            )  # a ':latest' tag is otherwise pulled at every start
             assert "limits" in container["resources"], name
             for probe in ("readinessProbe", "livenessProbe"):
                 if probe in container:  # the default of 1 s restarts healthy pods under a busy CPU quota

@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("stable_baselines3")
 
+import testenvs  # noqa: E402,F401  (registers envfarm-tests/Scripted-v0)
 import torch  # noqa: E402  (stable_baselines3 brings it)
 from compare import assert_same  # noqa: E402
 from farms import start_farm  # noqa: E402
@@ -27,7 +28,6 @@ from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.monitor import Monitor  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor, VecNormalize  # noqa: E402
 
-import testenvs  # noqa: E402,F401  (registers envfarm-tests/Scripted-v0)
 from envfarm.integrations.sb3 import EnvfarmVecEnv, make_vec_env  # noqa: E402
 
 SCRIPTED = "envfarm-tests/Scripted-v0"  # random episode ends and truncations, infos of many types
@@ -129,7 +129,11 @@ def test_sb3_check_env_accepts_what_the_adapter_returns(env, closing):
 def test_cartpole_steps_as_sb3_make_vec_env(closing):
     ours = closing(make_vec_env("CartPole-v1", 4, seed=3, num_workers=2))
     theirs = closing(sb3_make_vec_env("CartPole-v1", 4, seed=3))
-    assert (ours.observation_space, ours.action_space, ours.num_envs) == (theirs.observation_space, theirs.action_space, 4)
+    assert (ours.observation_space, ours.action_space, ours.num_envs) == (
+        theirs.observation_space,
+        theirs.action_space,
+        4,
+    )
     assert ours.render_mode == theirs.render_mode == "rgb_array"
     assert [ours.action_space.sample() for _ in range(20)] == [theirs.action_space.sample() for _ in range(20)]
     assert_steps_alike(theirs, ours, 300, seed=3)
@@ -139,7 +143,11 @@ def test_cartpole_steps_as_sb3_make_vec_env(closing):
 
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "wire"])
 def test_dict_observations_and_rich_infos_step_as_dummy_vec_env(shared_memory, closing):
-    ours = closing(EnvfarmVecEnv(SCRIPTED, 3, env_kwargs={"obs": "dict"}, wrappers=[NUMERIC_DICT], num_workers=2, shared_memory=shared_memory))
+    ours = closing(
+        EnvfarmVecEnv(
+            SCRIPTED, 3, env_kwargs={"obs": "dict"}, wrappers=[NUMERIC_DICT], num_workers=2, shared_memory=shared_memory
+        )
+    )
     theirs = closing(DummyVecEnv([lambda: NUMERIC_DICT(gym.make(SCRIPTED, obs="dict"))] * 3))
     assert ours.observation_space == theirs.observation_space
     truncations = assert_steps_alike(theirs, ours, 150, seed=11)
@@ -251,7 +259,10 @@ def test_vec_normalize_over_vec_monitor_as_over_dummy_vec_env(closing):
 
 def test_farm_steps_as_sb3_make_vec_env(closing):
     # the vector env closes before the farm goes
-    with start_farm(1, 4) as (broker, _), contextlib.closing(make_vec_env("CartPole-v1", 4, seed=2, broker=broker.endpoint)) as ours:
+    with (
+        start_farm(1, 4) as (broker, _),
+        contextlib.closing(make_vec_env("CartPole-v1", 4, seed=2, broker=broker.endpoint)) as ours,
+    ):
         theirs = closing(sb3_make_vec_env("CartPole-v1", 4, seed=2))
         assert isinstance(ours, VecMonitor) and ours.unwrapped.is_farm  # farm envs take no Monitor
         assert_steps_alike(theirs, ours, 200, seed=2)
@@ -259,7 +270,9 @@ def test_farm_steps_as_sb3_make_vec_env(closing):
         assert ours.env_is_wrapped(TimeLimit) == [True] * 4
         assert ours.env_is_wrapped(Monitor, indices=[1, 3]) == [False] * 2
         assert_same(theirs.render(), ours.render())
-        with pytest.raises(NotImplementedError, match=r"env_method on envs \[0\] of 4: a farm's envs can only be called all at once"):
+        with pytest.raises(
+            NotImplementedError, match=r"env_method on envs \[0\] of 4: a farm's envs can only be called all at once"
+        ):
             ours.env_method("render", indices=[0])
         with pytest.raises(NotImplementedError, match="set_attr on envs"):
             ours.set_attr("marker", 1, indices=[0, 1])
@@ -272,9 +285,12 @@ def test_farm_steps_as_sb3_make_vec_env(closing):
 
 
 def test_farm_restart_ends_the_episode_without_a_terminal_observation():
-    with start_farm(2, 2) as (broker, _), contextlib.closing(
-        make_vec_env("CartPole-v1", 2, seed=0, broker=broker.endpoint, on_failure="restart", shared_memory=False)
-    ) as venv:
+    with (
+        start_farm(2, 2) as (broker, _),
+        contextlib.closing(
+            make_vec_env("CartPole-v1", 2, seed=0, broker=broker.endpoint, on_failure="restart", shared_memory=False)
+        ) as venv,
+    ):
         venv.reset()
         os.kill(venv.unwrapped.farm._workers[0].pid, signal.SIGKILL)  # its two envs are rebuilt on the spare worker
         deadline = time.monotonic() + 20
@@ -300,8 +316,19 @@ def test_ppo_learns_cartpole(closing):
     torch.set_num_threads(1)  # beside a worker process on 2 CPUs: more threads would take its core
     try:
         venv = closing(make_vec_env("CartPole-v1", 8, seed=0, num_workers=1))
-        model = PPO("MlpPolicy", venv, seed=0, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98,
-                    n_epochs=20, ent_coef=0.0, learning_rate=1e-3, device="cpu")
+        model = PPO(
+            "MlpPolicy",
+            venv,
+            seed=0,
+            n_steps=32,
+            batch_size=256,
+            gae_lambda=0.8,
+            gamma=0.98,
+            n_epochs=20,
+            ent_coef=0.0,
+            learning_rate=1e-3,
+            device="cpu",
+        )
         model.learn(50_000)
         mean_return, _ = evaluate_policy(model, venv, n_eval_episodes=10, deterministic=True)
     finally:

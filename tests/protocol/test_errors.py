@@ -28,7 +28,9 @@ def test_a_50_mb_message_is_cut_and_still_travels():
     assert len(info.message) < MAX_MESSAGE_CHARS + 100 and info.message.startswith("x" * 1000)
     assert "49934464 characters cut by envfarm" in info.message
     assert len(info.traceback) < MAX_TRACEBACK_CHARS + 100
-    assert info.traceback.startswith("Traceback (most recent call last)") and "characters cut by envfarm" in info.traceback
+    assert (
+        info.traceback.startswith("Traceback (most recent call last)") and "characters cut by envfarm" in info.traceback
+    )
     frames = pack(m.make(m.ERROR, 1, error=info.to_data()))
     assert sum(len(f) for f in frames) < 200_000  # well under any socket's message limit
     exc = over_the_wire(raised(ValueError("x" * 50_000_000)))
@@ -48,7 +50,14 @@ def test_small_errors_are_unchanged():
 
 @pytest.mark.parametrize(
     "exc",
-    [KeyError("x"), KeyError("it's"), KeyError(""), ValueError("v"), RuntimeError("'quoted'"), IndexError("list index out of range")],
+    [
+        KeyError("x"),
+        KeyError("it's"),
+        KeyError(""),
+        ValueError("v"),
+        RuntimeError("'quoted'"),
+        IndexError("list index out of range"),
+    ],
     ids=repr,
 )
 def test_the_trainer_sees_the_message_the_env_raised(exc):

@@ -73,7 +73,9 @@ leaf_values = st.one_of(
 )
 info_dicts = st.recursive(
     st.dictionaries(st.sampled_from(["a", "b", "c", "final_obs"]), leaf_values, max_size=3),
-    lambda children: st.dictionaries(st.sampled_from(["a", "d", "nested"]), st.one_of(leaf_values, children), max_size=3),
+    lambda children: st.dictionaries(
+        st.sampled_from(["a", "d", "nested"]), st.one_of(leaf_values, children), max_size=3
+    ),
     max_leaves=6,
 )
 
@@ -81,10 +83,14 @@ info_dicts = st.recursive(
 def uniform_infos(count: int) -> st.SearchStrategy[list[dict[str, Any]]]:
     """Infos with the same keys and value types in every env, as most envs give them."""
     return st.builds(
-        lambda xs, ys, arrays: [{"x_position": np.float64(x), "steps": int(y), "flag": y > 2, "vec": a} for x, y, a in zip(xs, ys, arrays)],
+        lambda xs, ys, arrays: [
+            {"x_position": np.float64(x), "steps": int(y), "flag": y > 2, "vec": a} for x, y, a in zip(xs, ys, arrays)
+        ],
         st.lists(st.floats(-10, 10), min_size=count, max_size=count),
         st.lists(st.integers(0, 5), min_size=count, max_size=count),
-        st.lists(st.builds(lambda v: np.full(2, v, np.float32), st.floats(-1, 1, width=32)), min_size=count, max_size=count),
+        st.lists(
+            st.builds(lambda v: np.full(2, v, np.float32), st.floats(-1, 1, width=32)), min_size=count, max_size=count
+        ),
     )
 
 

@@ -12,7 +12,16 @@ from envfarm.protocol import messages as m
 
 FAST = settings(max_examples=150, deadline=None)
 
-GOOD_VALUE = {int: 7, str: "x", list: [1, "a"], tuple: (1, "a"), dict: {"k": 1}, bool: True, bytes: b"id", type(None): None}
+GOOD_VALUE = {
+    int: 7,
+    str: "x",
+    list: [1, "a"],
+    tuple: (1, "a"),
+    dict: {"k": 1},
+    bool: True,
+    bytes: b"id",
+    type(None): None,
+}
 # Values of every wire type, to find one that a field must refuse.
 CANDIDATES = [1.5, "text", 3, [1], {"k": 1}, None, b"raw", True]
 
@@ -42,7 +51,25 @@ REQUIRED_FIELDS = [(kind, name) for kind, name in ALL_FIELDS if not isinstance(N
 
 
 def test_every_kind_constant_has_a_field_table():
-    kinds = [m.HELLO, m.CREATE, m.CREATED, m.ATTACH, m.ATTACHED, m.RESET, m.STEP, m.CALL, m.SET_ATTR, m.CLOSE, m.RESULT, m.ERROR, m.LEASE, m.LEASED, m.JOIN, m.RELEASE, m.STATUS]
+    kinds = [
+        m.HELLO,
+        m.CREATE,
+        m.CREATED,
+        m.ATTACH,
+        m.ATTACHED,
+        m.RESET,
+        m.STEP,
+        m.CALL,
+        m.SET_ATTR,
+        m.CLOSE,
+        m.RESULT,
+        m.ERROR,
+        m.LEASE,
+        m.LEASED,
+        m.JOIN,
+        m.RELEASE,
+        m.STATUS,
+    ]
     assert set(kinds) <= set(m.FIELDS)
     constants = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str)}
     assert set(m.FIELDS) <= constants  # every kind in the table is a named constant
@@ -96,7 +123,11 @@ def nested(depth: int) -> list:
     return value
 
 
-@pytest.mark.parametrize("kind", [["hello"], {"kind": "hello"}, nested(1000), "x" * 1_000_000, 2**5000], ids=["list", "dict", "deep", "long", "huge-int"])
+@pytest.mark.parametrize(
+    "kind",
+    [["hello"], {"kind": "hello"}, nested(1000), "x" * 1_000_000, 2**5000],
+    ids=["list", "dict", "deep", "long", "huge-int"],
+)
 def test_an_unknown_kind_is_described_safely_and_briefly(kind):
     # repr() of a list nested 1000 deep raises RecursionError; of a long str, costs its size
     with pytest.raises(ProtocolError, match="unknown message kind") as info:
@@ -266,12 +297,18 @@ def test_from_data_rejects_malformed_values(data):
 
 
 @FAST
-@given(data=st.one_of(st.none(), st.integers(), text, st.lists(text), st.dictionaries(text, st.one_of(st.none(), st.integers(), text))))
+@given(
+    data=st.one_of(
+        st.none(), st.integers(), text, st.lists(text), st.dictionaries(text, st.one_of(st.none(), st.integers(), text))
+    )
+)
 def test_from_data_never_raises_anything_but_protocol_error(data):
     try:
         info = ErrorInfo.from_data(data)
     except ProtocolError:
-        assert not (isinstance(data, dict) and isinstance(data.get("type"), str) and isinstance(data.get("message"), str))
+        assert not (
+            isinstance(data, dict) and isinstance(data.get("type"), str) and isinstance(data.get("message"), str)
+        )
         return
     assert isinstance(info.type, str) and isinstance(info.message, str) and isinstance(info.traceback, str)
 
@@ -281,12 +318,26 @@ def test_from_data_never_raises_anything_but_protocol_error(data):
 
 def registration(**fields) -> dict:
     """A farm worker's HELLO to the broker, as a worker sends it."""
-    hello = m.make(m.HELLO, 0, version=PROTOCOL_VERSION, pid=1234, host="node-1", slots=8, allow=["CartPole-*", "ALE/*"], lease=None, lessee=None, steps=0)
+    hello = m.make(
+        m.HELLO,
+        0,
+        version=PROTOCOL_VERSION,
+        pid=1234,
+        host="node-1",
+        slots=8,
+        allow=["CartPole-*", "ALE/*"],
+        lease=None,
+        lessee=None,
+        steps=0,
+    )
     return {**hello, **fields}
 
 
 def lease(**fields) -> dict:
-    return {**m.make(m.LEASE, 3, envs=4, env_id="CartPole-v1", endpoint="tcp://10.0.0.1:4000", server_key=None, add=False), **fields}
+    return {
+        **m.make(m.LEASE, 3, envs=4, env_id="CartPole-v1", endpoint="tcp://10.0.0.1:4000", server_key=None, add=False),
+        **fields,
+    }
 
 
 @pytest.mark.parametrize(
@@ -353,7 +404,9 @@ def test_control_refuses_kinds_the_broker_does_not_serve(kind):
 
 
 def test_a_join_from_an_older_broker_has_no_trainer_key():
-    join = m.make(m.JOIN, 0, endpoint="tcp://10.0.0.1:4000", server_key=None, lease="0123456789abcdef", trainer=b"T" + bytes(15))
+    join = m.make(
+        m.JOIN, 0, endpoint="tcp://10.0.0.1:4000", server_key=None, lease="0123456789abcdef", trainer=b"T" + bytes(15)
+    )
     assert m.check(join) is join
 
 

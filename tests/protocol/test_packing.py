@@ -145,7 +145,13 @@ def test_big_endian_and_non_contiguous_examples():
 
 
 def test_zero_size_and_zero_dim_arrays():
-    for sent in (np.zeros((0,), "f4"), np.zeros((3, 0, 2), ">u2"), np.array(7, "i8"), np.array("hé", "U2"), np.zeros((0,), "S3")):
+    for sent in (
+        np.zeros((0,), "f4"),
+        np.zeros((3, 0, 2), ">u2"),
+        np.array(7, "i8"),
+        np.array("hé", "U2"),
+        np.zeros((0,), "S3"),
+    ):
         got = roundtrip({"a": sent})["a"]
         assert type(got) is np.ndarray
         assert got.shape == sent.shape and got.dtype == sent.dtype
@@ -390,7 +396,9 @@ def test_frame_length_must_match_dtype_and_shape(length):
         unpack(frames)
 
 
-@pytest.mark.parametrize("payload", [b"<f8:" + b"\0" * 4, b"<f8:" + b"\0" * 9, b"<f8" + b"\0" * 8, b"|O:" + b"\0" * 8, b"\xff\xfe:\0", b""])
+@pytest.mark.parametrize(
+    "payload", [b"<f8:" + b"\0" * 4, b"<f8:" + b"\0" * 9, b"<f8" + b"\0" * 8, b"|O:" + b"\0" * 8, b"\xff\xfe:\0", b""]
+)
 def test_malformed_scalar_is_a_protocol_error(payload):
     with pytest.raises(ProtocolError):
         unpack([header({"a": msgpack.ExtType(EXT_SCALAR, payload)})])

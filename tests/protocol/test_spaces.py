@@ -15,8 +15,12 @@ from hypothesis.extra import numpy as hnp
 from envfarm.protocol import ProtocolError, UnsupportedSpaceError, decode_space, encode_space, pack, unpack
 from envfarm.protocol.spaces import FIXED_LEAVES, batch_layout, is_fixed, join, leaves, shm_layout, split
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-SLOWER = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FAST = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+SLOWER = settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
@@ -95,7 +99,9 @@ multi_binaries = st.one_of(
     st.lists(st.integers(1, 4), min_size=1, max_size=3).map(spaces.MultiBinary),
 )
 
-charsets = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30).filter(lambda s: len(set(s)) == len(s))
+charsets = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30).filter(
+    lambda s: len(set(s)) == len(s)
+)
 
 
 @st.composite
@@ -164,7 +170,11 @@ def assert_same_space(got: spaces.Space, want: spaces.Space):
     elif isinstance(want, spaces.MultiBinary):
         assert got.shape == want.shape and got.dtype == want.dtype
     elif isinstance(want, spaces.Text):
-        assert (got.min_length, got.max_length, got.character_set) == (want.min_length, want.max_length, want.character_set)
+        assert (got.min_length, got.max_length, got.character_set) == (
+            want.min_length,
+            want.max_length,
+            want.character_set,
+        )
     elif isinstance(want, spaces.Dict):
         assert list(got.spaces) == list(want.spaces)
         for key in want.spaces:
@@ -433,7 +443,9 @@ def test_sequence_and_oneof_are_leaves():
     one = spaces.OneOf([spaces.Tuple([spaces.Discrete(2)])])
     assert leaves(seq) == [seq] and leaves(one) == [one]
     assert not is_fixed(seq) and not is_fixed(one) and not is_fixed(spaces.Text(2))
-    assert all(is_fixed(s) for s in (spaces.Box(0, 1), spaces.Discrete(2), spaces.MultiDiscrete([2]), spaces.MultiBinary(2)))
+    assert all(
+        is_fixed(s) for s in (spaces.Box(0, 1), spaces.Discrete(2), spaces.MultiDiscrete([2]), spaces.MultiBinary(2))
+    )
 
 
 # --------------------------------------------------------------------------- shm_layout
@@ -478,7 +490,12 @@ def test_shm_layout_regions_are_aligned_disjoint_and_fit(space, n, start):
 
 def test_shm_layout_example():
     space = spaces.Dict(
-        {"a": spaces.Box(0, 1, (3,), np.float32), "b": spaces.Text(4), "c": spaces.Discrete(5), "d": spaces.MultiBinary([2, 5])}
+        {
+            "a": spaces.Box(0, 1, (3,), np.float32),
+            "b": spaces.Text(4),
+            "c": spaces.Discrete(5),
+            "d": spaces.MultiBinary([2, 5]),
+        }
     )
     layout, total = shm_layout(space, 4)
     assert layout == [(0, "<f4", (4, 3)), None, (64, "<i8", (4,)), (128, "|i1", (4, 2, 5))]
@@ -491,7 +508,10 @@ def test_shm_layout_of_a_space_without_fixed_leaves():
 
 
 def test_batch_layout_places_every_section_apart():
-    observation_space, action_space = spaces.Dict({"x": spaces.Box(0, 1, (3,)), "t": spaces.Text(3)}), spaces.Discrete(4)
+    observation_space, action_space = (
+        spaces.Dict({"x": spaces.Box(0, 1, (3,)), "t": spaces.Text(3)}),
+        spaces.Discrete(4),
+    )
     layout, total = batch_layout(observation_space, action_space, 5)
     regions = [r for r in layout["obs"] + layout["actions"] if r is not None]
     regions += [layout["rewards"], layout["terminated"], layout["truncated"]]

@@ -82,7 +82,9 @@ def test_farm_workers_take_no_code(farm):
     with pytest.raises(ValueError, match="wrappers cannot be sent"):
         envfarm.make_vec("CartPole-v1", 2, broker=farm.endpoint, wrappers=[gym.wrappers.RecordEpisodeStatistics])
     with pytest.raises(Exception, match="'module:Env' ids import code"):
-        envfarm.make_vec(gym.envs.registration.EnvSpec("os:Nothing-v0", entry_point="os:getcwd"), 2, broker=farm.endpoint)
+        envfarm.make_vec(
+            gym.envs.registration.EnvSpec("os:Nothing-v0", entry_point="os:getcwd"), 2, broker=farm.endpoint
+        )
     assert_serves(farm.endpoint, 2)  # the farm still serves
 
 
@@ -94,7 +96,12 @@ def test_malformed_frames_do_not_hurt_the_broker(farm):
             peer.setsockopt(zmq.IDENTITY, identity)
             peer.setsockopt(zmq.LINGER, 0)
             peer.connect(farm.endpoint)
-            for frames in ([b"\xc1garbage"], [b"", b"\x81\xa1x" + b"\x91" * 5000], [b"", b"\xff" * 64, b"\x00"], [os.urandom(32)]):
+            for frames in (
+                [b"\xc1garbage"],
+                [b"", b"\x81\xa1x" + b"\x91" * 5000],
+                [b"", b"\xff" * 64, b"\x00"],
+                [os.urandom(32)],
+            ):
                 peer.send_multipart(frames)
             peer.close()
         trainer = context.socket(zmq.DEALER)
@@ -105,8 +112,14 @@ def test_malformed_frames_do_not_hurt_the_broker(farm):
         assert trainer.poll(5000)
         delimiter, *reply = trainer.recv_multipart()
         assert delimiter == b"" and unpack(reply)["kind"] == m.ERROR
-        for endpoint, key in (("tcp://no port", None), ("ipc:///tmp/x", None), ("tcp://127.0.0.1:9", "short")):  # nothing a worker could join
-            trainer.send_multipart([b"", *pack(m.make(m.LEASE, 7, envs=2, env_id="CartPole-v1", endpoint=endpoint, server_key=key))])
+        for endpoint, key in (
+            ("tcp://no port", None),
+            ("ipc:///tmp/x", None),
+            ("tcp://127.0.0.1:9", "short"),
+        ):  # nothing a worker could join
+            trainer.send_multipart(
+                [b"", *pack(m.make(m.LEASE, 7, envs=2, env_id="CartPole-v1", endpoint=endpoint, server_key=key))]
+            )
             assert trainer.poll(5000)
             _, *reply = trainer.recv_multipart()
             assert unpack(reply)["kind"] == m.ERROR
@@ -174,7 +187,10 @@ def test_workers_are_leased_only_for_the_envs_they_allow():
         worker = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2"]
         with workers_of(broker, [worker + ["--allow", "Pendulum-*"], worker]):
             restricted = next(r.identity for r in broker.workers.values() if r.allow == ["Pendulum-*"])
-            with pytest.raises(RuntimeError, match=r"the farm has 2 free slots for 'CartPole-v1' \(and 2 for other env ids\), 4 were asked for"):
+            with pytest.raises(
+                RuntimeError,
+                match=r"the farm has 2 free slots for 'CartPole-v1' \(and 2 for other env ids\), 4 were asked for",
+            ):
                 envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint)
             cartpole = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint)  # the unrestricted worker
             pendulum = envfarm.make_vec("Pendulum-v1", 2, broker=broker.endpoint)  # the one that allows it
@@ -192,9 +208,18 @@ def test_a_worker_refuses_ids_it_does_not_allow_even_if_asked_directly():
     from envfarm.server.requests import RequestHandler
 
     handler = RequestHandler(trusted=False, allow=["Pendulum-*"])
-    create = {"kind": "create", "rid": 1, "envs": [0], "source": {"env_id": "CartPole-v1", "kwargs": {}}, "autoreset_mode": "NextStep"}
+    create = {
+        "kind": "create",
+        "rid": 1,
+        "envs": [0],
+        "source": {"env_id": "CartPole-v1", "kwargs": {}},
+        "autoreset_mode": "NextStep",
+    }
     reply = handler.respond(create)
-    assert reply["kind"] == "error" and "'CartPole-v1' is not allowed on this worker (--allow Pendulum-*)" in reply["error"]["message"]
+    assert (
+        reply["kind"] == "error"
+        and "'CartPole-v1' is not allowed on this worker (--allow Pendulum-*)" in reply["error"]["message"]
+    )
 
 
 def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
@@ -210,7 +235,9 @@ def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
     broker_key = str(tmp_path / "broker.key")
     worker_curve = ("--curve-secret", str(tmp_path / "worker.key_secret"), "--broker-key", broker_key)
     with start_farm(1, 2, *worker_curve, curve=(str(tmp_path / "broker.key_secret"), str(clients))) as (broker, _):
-        envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, curve=(str(tmp_path / "trainer.key_secret"), broker_key))
+        envs = envfarm.make_vec(
+            "CartPole-v1", 2, broker=broker.endpoint, curve=(str(tmp_path / "trainer.key_secret"), broker_key)
+        )
         try:
             envs.reset(seed=0)
             # Peers posing as the leased worker on the trainer's data port, in plaintext and with a
@@ -236,7 +263,9 @@ def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
             impostor = context.socket(zmq.DEALER)
             impostor.setsockopt(zmq.IDENTITY, envs._router.broker.getsockopt(zmq.IDENTITY))
             impostor.setsockopt(zmq.LINGER, 0)
-            impostor.curve_publickey, impostor.curve_secretkey = zmq.auth.load_certificate(str(tmp_path / "worker.key_secret"))
+            impostor.curve_publickey, impostor.curve_secretkey = zmq.auth.load_certificate(
+                str(tmp_path / "worker.key_secret")
+            )
             impostor.curve_serverkey = zmq.auth.load_certificate(broker_key)[0]
             impostor.connect(broker.endpoint)
             impostor.send_multipart([b"", *pack(m.make(m.RELEASE, 1))])
@@ -294,7 +323,9 @@ def test_a_worker_given_up_for_lost_never_writes_into_its_replacements_rows():
         def step_both() -> tuple:
             actions = rng.integers(0, 2, 4)
             ours, theirs = envs.step(actions), sync.step(actions)
-            assert_same(tuple(part[:2] for part in theirs[:4]), tuple(part[:2] for part in ours[:4]))  # envs 0-1: as Sync
+            assert_same(
+                tuple(part[:2] for part in theirs[:4]), tuple(part[:2] for part in ours[:4])
+            )  # envs 0-1: as Sync
             return ours
 
         def assert_obs_are_the_envs_own(obs: np.ndarray) -> None:
@@ -303,7 +334,9 @@ def test_a_worker_given_up_for_lost_never_writes_into_its_replacements_rows():
 
         try:
             assert all(worker.shared_memory for worker in envs._workers)
-            assert_same(tuple(part[:2] for part in sync.reset(seed=0)[:1]), tuple(part[:2] for part in envs.reset(seed=0)[:1]))
+            assert_same(
+                tuple(part[:2] for part in sync.reset(seed=0)[:1]), tuple(part[:2] for part in envs.reset(seed=0)[:1])
+            )
             for _ in range(5):
                 step_both()
             victim = envs._workers[1]
@@ -333,7 +366,10 @@ def test_restart_without_capacity_is_a_clear_error(quick_farm):
         envs.reset(seed=0)
         processes[0].kill()
         time.sleep(0.5)  # its connection is gone: the next send finds out
-        with pytest.raises(envfarm.WorkerDiedError, match=r"no capacity left to restart it: the farm has no free worker with 2 slots for 'CartPole-v1' \(free: \[\]\)"):
+        with pytest.raises(
+            envfarm.WorkerDiedError,
+            match=r"no capacity left to restart it: the farm has no free worker with 2 slots for 'CartPole-v1' \(free: \[\]\)",
+        ):
             for _ in range(1000):
                 envs.step(envs.action_space.sample())
     finally:
@@ -367,14 +403,21 @@ def test_status_shows_workers_slots_and_leases(farm):
         envs.reset(seed=0)
         result = subprocess.run(
             [sys.executable, "-m", "envfarm", "status", "--broker", farm.endpoint],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("3 workers, 12 slots, 4 leased to 1 trainers, ")
         assert result.stdout.count("free") == 2
     finally:
         envs.close()
-    silent = subprocess.run([sys.executable, "-m", "envfarm", "status", "--broker", "tcp://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
+    silent = subprocess.run(
+        [sys.executable, "-m", "envfarm", "status", "--broker", "tcp://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert silent.returncode == 1 and "no answer from the broker" in silent.stderr
 
 
@@ -387,7 +430,9 @@ def test_training_goes_on_through_a_broker_restart():
             broker.stop()  # the broker goes away and comes back on the same port, knowing nothing
             time.sleep(0.5)
             with running_broker(broker.endpoint, dead_after=2.5) as again:
-                for actions in np.random.default_rng(2).integers(0, 2, (100, 4)):  # the data path does not pass the broker
+                for actions in np.random.default_rng(2).integers(
+                    0, 2, (100, 4)
+                ):  # the data path does not pass the broker
                     assert_same(sync.step(actions), envs.step(actions))
                 # The workers tell the new broker which lease they serve; the trainer's heartbeats keep it.
                 assert wait_until(lambda: len(again.workers) == 2 and all(r.lessee for r in again.workers.values()), 15)
@@ -421,7 +466,20 @@ def test_an_oversized_frame_is_refused_and_the_broker_goes_on(farm):
 def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(tmp_path):
     alive = tmp_path / "alive"
     with running_broker(dead_after=2.5) as broker:
-        command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2", "--processes", "2", "--alive-file", str(alive)]
+        command = [
+            sys.executable,
+            "-m",
+            "envfarm",
+            "worker",
+            "--broker",
+            broker.endpoint,
+            "--slots",
+            "2",
+            "--processes",
+            "2",
+            "--alive-file",
+            str(alive),
+        ]
         host = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         try:
             assert wait_until(lambda: len(broker.workers) == 2, 30), "the two worker processes did not register"
@@ -429,14 +487,18 @@ def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(t
             assert healthy.returncode == 0
             first = {record.pid for record in broker.workers.values()}
             os.kill(min(first), signal.SIGKILL)  # an env crashed its process
-            assert wait_until(lambda: len({r.pid for r in broker.workers.values()} - first) == 1 and len(broker.workers) == 2, 20)
+            assert wait_until(
+                lambda: len({r.pid for r in broker.workers.values()} - first) == 1 and len(broker.workers) == 2, 20
+            )
             assert_serves(broker.endpoint, 4)  # both serve
         finally:
             host.terminate()  # `docker stop`: the children go with it
             host.wait(10)
         assert "exited with code -9; starting another" in host.stderr.read()
         children = {record.pid for record in broker.workers.values()}
-        assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10), "a worker process outlived its parent"
+        assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10), (
+            "a worker process outlived its parent"
+        )
         time.sleep(1)
         stale = subprocess.run([sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "0.5"], timeout=30)
         assert stale.returncode == 1
@@ -449,12 +511,20 @@ def test_a_worker_in_a_long_step_stays_healthy(tmp_path):
 
     alive = tmp_path / "alive"
     with start_farm(1, 2, "--alive-file", str(alive), dead_after=2.5) as (broker, _):
-        envs = envfarm.make_vec(SYNTHETIC_ID, 2, broker=broker.endpoint, shared_memory=False, env_kwargs={"step_cost_us": 2_000_000, "obs_shape": [4]})
+        envs = envfarm.make_vec(
+            SYNTHETIC_ID,
+            2,
+            broker=broker.endpoint,
+            shared_memory=False,
+            env_kwargs={"step_cost_us": 2_000_000, "obs_shape": [4]},
+        )
         try:
             envs.reset(seed=0)
             envs.step_async(envs.action_space.sample())  # 4 s: two envs of 2 s each
             time.sleep(3.0)
-            healthy = subprocess.run([sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "2"], timeout=30)
+            healthy = subprocess.run(
+                [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "2"], timeout=30
+            )
             assert healthy.returncode == 0, "a worker in a long step was reported unhealthy"
             envs.step_wait(timeout=30)
         finally:
@@ -490,12 +560,23 @@ def test_a_worker_builds_no_more_envs_than_its_slots(quick_farm):
         control = context.socket(zmq.DEALER)
         control.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + os.urandom(15))
         control.connect(broker.endpoint)
-        control.send_multipart([b"", *pack(m.make(m.LEASE, 1, envs=2, env_id="CartPole-v1", endpoint=f"tcp://127.0.0.1:{port}", server_key=None))])
+        control.send_multipart(
+            [
+                b"",
+                *pack(
+                    m.make(
+                        m.LEASE, 1, envs=2, env_id="CartPole-v1", endpoint=f"tcp://127.0.0.1:{port}", server_key=None
+                    )
+                ),
+            ]
+        )
         assert control.poll(5000) and unpack(control.recv_multipart()[1:])["kind"] == m.LEASED
         assert data.poll(5000)
         identity, *frames = data.recv_multipart()
         assert unpack(frames)["kind"] == m.HELLO
-        create = m.make(m.CREATE, 2, envs=list(range(5000)), source={"env_id": "CartPole-v1"}, autoreset_mode="NextStep")
+        create = m.make(
+            m.CREATE, 2, envs=list(range(5000)), source={"env_id": "CartPole-v1"}, autoreset_mode="NextStep"
+        )
         data.send_multipart([identity, *pack(create)])
         while True:  # heartbeats come from another identity; the reply from this one
             assert data.poll(5000), "no reply to the oversized CREATE"
@@ -503,7 +584,10 @@ def test_a_worker_builds_no_more_envs_than_its_slots(quick_farm):
             if sender == identity:
                 break
         reply = unpack(frames)
-        assert reply["kind"] == m.ERROR and "CREATE asks for 5000 envs; this worker hosts at most 2 (--slots)" in reply["error"]["message"]
+        assert (
+            reply["kind"] == m.ERROR
+            and "CREATE asks for 5000 envs; this worker hosts at most 2 (--slots)" in reply["error"]["message"]
+        )
         control.send_multipart([b"", *pack(m.make(m.RELEASE, 3))])
     finally:
         context.destroy(linger=0)
@@ -511,19 +595,42 @@ def test_a_worker_builds_no_more_envs_than_its_slots(quick_farm):
 
 def test_worker_arguments_are_checked():
     for processes in ("0", "many"):
-        result = subprocess.run([sys.executable, "-m", "envfarm", "worker", "--broker", "tcp://127.0.0.1:9", "--processes", processes], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, "-m", "envfarm", "worker", "--broker", "tcp://127.0.0.1:9", "--processes", processes],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 2 and "--processes must be a positive number or 'auto'" in result.stderr
 
 
 def test_envfarm_run_on_a_farm(farm):
     result = subprocess.run(
-        [sys.executable, "-m", "envfarm", "run", "CartPole-v1", "--num-envs", "8", "--steps", "2000", "--broker", farm.endpoint,
-         "--on-failure", "restart", "--json"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "envfarm",
+            "run",
+            "CartPole-v1",
+            "--num-envs",
+            "8",
+            "--steps",
+            "2000",
+            "--broker",
+            farm.endpoint,
+            "--on-failure",
+            "restart",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["num_workers"] == 2 and summary["steps"] >= 2000 and summary["episodes"] > 0  # two 4-slot farm workers
+    assert (
+        summary["num_workers"] == 2 and summary["steps"] >= 2000 and summary["episodes"] > 0
+    )  # two 4-slot farm workers
 
 
 def test_a_request_lost_on_the_way_is_not_waited_for(quick_farm):
@@ -578,7 +685,13 @@ def test_a_step_longer_than_dead_after_is_not_taken_for_silence(quick_farm):
     from envfarm.bench_envs import SYNTHETIC_ID
 
     broker, _ = quick_farm  # dead_after 2.5 s; each step takes 3.5 s, the trainer pausing between steps
-    envs = envfarm.make_vec(SYNTHETIC_ID, 2, broker=broker.endpoint, shared_memory=False, env_kwargs={"step_cost_us": 3_500_000, "obs_shape": [4]})
+    envs = envfarm.make_vec(
+        SYNTHETIC_ID,
+        2,
+        broker=broker.endpoint,
+        shared_memory=False,
+        env_kwargs={"step_cost_us": 3_500_000, "obs_shape": [4]},
+    )
     try:
         envs.reset(seed=0)
         for _ in range(2):
@@ -593,7 +706,9 @@ def test_no_false_verdict_under_cpu_oversubscription(shared_memory):
     # A trainer pausing 1-50 ms between steps (a policy), with default liveness settings and two
     # busy processes per CPU beside the farm: every verdict must be true, so there must be none.
     with start_farm(2, 4) as (broker, _), cpu_hogs(2):
-        envs = envfarm.make_vec("CartPole-v1", 8, broker=broker.endpoint, shared_memory=shared_memory, on_failure="raise")
+        envs = envfarm.make_vec(
+            "CartPole-v1", 8, broker=broker.endpoint, shared_memory=shared_memory, on_failure="raise"
+        )
         try:
             envs.reset(seed=0)
             pauses = np.random.default_rng(0).choice([0.001, 0.005, 0.01, 0.05], 10_000)
@@ -613,7 +728,20 @@ def test_an_idle_worker_out_of_the_brokers_reach_says_so_and_is_unhealthy_until_
     port = broker.endpoint.rsplit(":", 1)[1]
     thread = threading.Thread(target=broker.serve, daemon=True)
     thread.start()
-    command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2", "--alive-file", str(alive), "--broker-grace", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "envfarm",
+        "worker",
+        "--broker",
+        broker.endpoint,
+        "--slots",
+        "2",
+        "--alive-file",
+        str(alive),
+        "--broker-grace",
+        "1",
+    ]
     host = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     check = [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "1.5"]
     try:
@@ -621,12 +749,16 @@ def test_an_idle_worker_out_of_the_brokers_reach_says_so_and_is_unhealthy_until_
         assert subprocess.run(check, timeout=30).returncode == 0
         broker.stop()
         thread.join(5)
-        assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 1, 15), "a worker that cannot reach its broker stayed healthy"
+        assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 1, 15), (
+            "a worker that cannot reach its broker stayed healthy"
+        )
         broker = Broker(f"tcp://127.0.0.1:{port}")  # the broker comes back where it was
         thread = threading.Thread(target=broker.serve, daemon=True)
         thread.start()
         assert wait_until(lambda: len(broker.workers) == 1, 30), "the worker did not register again"
-        assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 0, 15), "the worker stayed unhealthy with its broker back"
+        assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 0, 15), (
+            "the worker stayed unhealthy with its broker back"
+        )
     finally:
         host.terminate()
         host.wait(10)
@@ -639,7 +771,20 @@ def test_an_idle_worker_out_of_the_brokers_reach_says_so_and_is_unhealthy_until_
 def test_each_process_of_a_worker_has_its_own_alive_file_so_one_stuck_process_is_seen(tmp_path):
     alive = tmp_path / "alive"
     with running_broker() as broker:
-        command = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2", "--processes", "2", "--alive-file", str(alive)]
+        command = [
+            sys.executable,
+            "-m",
+            "envfarm",
+            "worker",
+            "--broker",
+            broker.endpoint,
+            "--slots",
+            "2",
+            "--processes",
+            "2",
+            "--alive-file",
+            str(alive),
+        ]
         host = subprocess.Popen(command, stderr=subprocess.DEVNULL)
         check = [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "3"]
         try:
@@ -649,7 +794,9 @@ def test_each_process_of_a_worker_has_its_own_alive_file_so_one_stuck_process_is
             stuck = min(record.pid for record in broker.workers.values())
             os.kill(stuck, signal.SIGSTOP)  # stuck: alive to the kernel, serving nobody
             try:
-                assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 1, 15), "one stuck process was hidden by the other"
+                assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 1, 15), (
+                    "one stuck process was hidden by the other"
+                )
             finally:
                 os.kill(stuck, signal.SIGCONT)
         finally:
@@ -670,7 +817,12 @@ def test_the_brokers_prometheus_metrics_count_workers_leases_steps_restarts_and_
         server, port = serve_metrics(broker, "127.0.0.1:0")
         try:
             metrics = scrape()
-            assert (metrics["envfarm_workers"], metrics["envfarm_slots"], metrics["envfarm_slots_free"], metrics["envfarm_trainers"]) == (3, 6, 6, 0)
+            assert (
+                metrics["envfarm_workers"],
+                metrics["envfarm_slots"],
+                metrics["envfarm_slots_free"],
+                metrics["envfarm_trainers"],
+            ) == (3, 6, 6, 0)
             envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, on_failure="restart")
             try:
                 envs.reset(seed=0)
@@ -679,10 +831,17 @@ def test_the_brokers_prometheus_metrics_count_workers_leases_steps_restarts_and_
                 leased = {record.pid for record in broker.workers.values() if record.lessee is not None}
                 assert wait_until(lambda: scrape()["envfarm_env_steps_total"] >= 600, 10), scrape()
                 metrics = scrape()
-                assert (metrics["envfarm_workers_leased"], metrics["envfarm_slots_free"], metrics["envfarm_trainers"], metrics["envfarm_leases_total"]) == (1, 4, 1, 1)
+                assert (
+                    metrics["envfarm_workers_leased"],
+                    metrics["envfarm_slots_free"],
+                    metrics["envfarm_trainers"],
+                    metrics["envfarm_leases_total"],
+                ) == (1, 4, 1, 1)
                 os.kill(leased.pop(), signal.SIGKILL)
                 deadline = time.monotonic() + 30
-                while "envfarm_restarted" not in envs.step(envs.action_space.sample())[4] and time.monotonic() < deadline:
+                while (
+                    "envfarm_restarted" not in envs.step(envs.action_space.sample())[4] and time.monotonic() < deadline
+                ):
                     pass
                 assert wait_until(lambda: scrape()["envfarm_workers_lost_total"] == 1, 10), scrape()
                 assert scrape()["envfarm_restarts_total"] == 1

@@ -7,8 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -73,12 +73,35 @@ def hosts():
 def remote_worker(namespace: str, port: str) -> list[str]:
     """A worker on host a: its own network and its own /dev/shm."""
     worker = f"{sys.executable} -m envfarm worker --slots 2 --broker tcp://10.231.{SUBNET}.1:{port}"
-    return ["ip", "netns", "exec", namespace, "unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {worker}"]
+    return [
+        "ip",
+        "netns",
+        "exec",
+        namespace,
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {worker}",
+    ]
 
 
 def same_host_worker(namespace: str, port: str) -> list[str]:
     """A worker on host b: its own network, but this host's memory."""
-    return ["ip", "netns", "exec", namespace, sys.executable, "-m", "envfarm", "worker", "--slots", "2", "--broker", f"tcp://10.232.{SUBNET}.1:{port}"]
+    return [
+        "ip",
+        "netns",
+        "exec",
+        namespace,
+        sys.executable,
+        "-m",
+        "envfarm",
+        "worker",
+        "--slots",
+        "2",
+        "--broker",
+        f"tcp://10.232.{SUBNET}.1:{port}",
+    ]
 
 
 def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
@@ -108,7 +131,9 @@ def test_trainer_with_a_remote_and_a_same_host_worker(hosts):
             sh("ip", "link", "set", link_a, "up")  # heal: host a's worker comes back and registers again
             # It comes back still serving the closed trainer's lease: held until that trainer is
             # silent for dead_after, then freed.
-            assert wait_until(lambda: len(broker.workers) == 2 and all(r.lessee is None for r in broker.workers.values()), 20), "the cut-off worker did not come back"
+            assert wait_until(
+                lambda: len(broker.workers) == 2 and all(r.lessee is None for r in broker.workers.values()), 20
+            ), "the cut-off worker did not come back"
             assert_serves(f"tcp://{HEAD}:{port}", 4)
 
 
@@ -122,10 +147,17 @@ def test_a_trainer_that_reaches_the_broker_by_loopback(hosts):
             assert_serves(f"tcp://127.0.0.1:{port}", 4)
             # A trainer listening where the workers cannot reach it: a clear error, within the start-up timeout.
             start = time.monotonic()
-            with pytest.raises(multiprocessing.TimeoutError, match=r"2 leased farm worker\(s\) .*did not connect to this trainer at tcp://127\.0\.0\.1:\d+ within 5 s.*Pass listen="):
-                envfarm.make_vec("CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}", listen="127.0.0.1", startup_timeout=5)
+            with pytest.raises(
+                multiprocessing.TimeoutError,
+                match=r"2 leased farm worker\(s\) .*did not connect to this trainer at tcp://127\.0\.0\.1:\d+ within 5 s.*Pass listen=",
+            ):
+                envfarm.make_vec(
+                    "CartPole-v1", 4, broker=f"tcp://127.0.0.1:{port}", listen="127.0.0.1", startup_timeout=5
+                )
             assert time.monotonic() - start < 5 + 3
-            assert wait_until(lambda: all(r.lessee is None for r in broker.workers.values()), 10), "the failed trainer's lease was not released"
+            assert wait_until(lambda: all(r.lessee is None for r in broker.workers.values()), 10), (
+                "the failed trainer's lease was not released"
+            )
             assert_serves(f"tcp://127.0.0.1:{port}", 4)
 
 
@@ -193,7 +225,10 @@ def test_faults_across_hosts(hosts):
             try:
                 assert_same(sync.reset(seed=4), envs.reset(seed=4))
                 # Malformed and oversized frames, from host b, to the broker's port and the trainer's.
-                hostile = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "-c", HOSTILE, farm, envs._router.endpoint], timeout=30)
+                hostile = subprocess.run(
+                    ["ip", "netns", "exec", ns_b, sys.executable, "-c", HOSTILE, farm, envs._router.endpoint],
+                    timeout=30,
+                )
                 assert hostile.returncode == 0
                 for actions in rng.integers(0, 2, (50, 4)):
                     assert_same(sync.step(actions), envs.step(actions))
@@ -211,13 +246,17 @@ def test_faults_across_hosts(hosts):
                     frozen = next(p for p in processes if p.pid == victim.pid)
                     frozen.send_signal(signal.SIGSTOP)
                     start = time.monotonic()
-                    with pytest.raises(envfarm.WorkerDiedError, match=rf"pid {victim.pid}.*was silent for more than 2.5 s"):
+                    with pytest.raises(
+                        envfarm.WorkerDiedError, match=rf"pid {victim.pid}.*was silent for more than 2.5 s"
+                    ):
                         while True:
                             envs.step(envs.action_space.sample())
                     assert time.monotonic() - start < 2.5 + 1.0
                     envs.close()
                     frozen.send_signal(signal.SIGCONT)  # back: it leaves the closed trainer's lease, and serves again
-                    assert wait_until(lambda: len(again.workers) == 3 and all(r.lessee is None for r in again.workers.values()), 15)
+                    assert wait_until(
+                        lambda: len(again.workers) == 3 and all(r.lessee is None for r in again.workers.values()), 15
+                    )
 
                     # A killed worker is reported as soon as its connection drops.
                     second = envfarm.make_vec("CartPole-v1", 2, broker=farm)

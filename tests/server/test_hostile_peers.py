@@ -20,9 +20,9 @@ from farms import assert_serves, running_broker, start_farm, workers_of
 from polling import wait_until
 
 import envfarm
-from envfarm.transport.curve import keygen
 from envfarm.protocol import PROTOCOL_VERSION, pack, unpack
 from envfarm.protocol import messages as m
+from envfarm.transport.curve import keygen
 
 
 def nested(depth: int) -> list:
@@ -34,7 +34,18 @@ def nested(depth: int) -> list:
 
 def registration(**fields: Any) -> dict[str, Any]:
     """A farm worker's HELLO to the broker."""
-    hello = m.make(m.HELLO, 0, version=PROTOCOL_VERSION, pid=os.getpid(), host="fake", slots=2, allow=None, lease=None, lessee=None, steps=0)
+    hello = m.make(
+        m.HELLO,
+        0,
+        version=PROTOCOL_VERSION,
+        pid=os.getpid(),
+        host="fake",
+        slots=2,
+        allow=None,
+        lease=None,
+        lessee=None,
+        steps=0,
+    )
     return {**hello, **fields}
 
 
@@ -44,7 +55,9 @@ def peers() -> Iterator[Any]:
     context = zmq.Context()
     sockets: list[zmq.Socket] = []
 
-    def connect(endpoint: str, identity: bytes, keys: tuple[bytes, bytes] | None = None, server_key: bytes | None = None) -> zmq.Socket:
+    def connect(
+        endpoint: str, identity: bytes, keys: tuple[bytes, bytes] | None = None, server_key: bytes | None = None
+    ) -> zmq.Socket:
         socket = context.socket(zmq.DEALER)
         socket.setsockopt(zmq.IDENTITY, identity)
         socket.setsockopt(zmq.LINGER, 0)
@@ -85,7 +98,10 @@ def test_messages_nested_1000_deep_do_not_hurt_the_broker():
         ):
             worker.send_multipart(pack(hello))
         trainer = connect(broker.endpoint, m.TRAINER_PREFIX + b"-hostile")
-        for message in ({"kind": nested(1000), "rid": 1}, m.make(m.LEASE, 2, envs=2, env_id=nested(1000), endpoint="tcp://127.0.0.1:9", server_key=None)):
+        for message in (
+            {"kind": nested(1000), "rid": 1},
+            m.make(m.LEASE, 2, envs=2, env_id=nested(1000), endpoint="tcp://127.0.0.1:9", server_key=None),
+        ):
             reply = ask(trainer, message)
             assert reply is not None and reply["kind"] == m.ERROR and "ProtocolError" in reply["error"]["type"]
         assert m.WORKER_PREFIX + b"-hostile" not in broker.workers  # each HELLO was dropped
@@ -120,9 +136,12 @@ def test_a_huge_allow_list_is_refused_and_leases_stay_quick():
         fakes = [m.WORKER_PREFIX + b"-huge-%d" % i for i in range(10)]
         for identity in fakes:
             connect(broker.endpoint, identity).send_multipart(pack(registration(allow=patterns)))
+
         # The largest allow-list that passes: matched in one compiled expression per worker.
         def widest(n: int) -> list[str]:
-            return [f"W{n:03d}-{i:02d}-".ljust(m.MAX_ALLOW_CHARS // m.MAX_ALLOW - 1, "x") + "*" for i in range(m.MAX_ALLOW)]
+            return [
+                f"W{n:03d}-{i:02d}-".ljust(m.MAX_ALLOW_CHARS // m.MAX_ALLOW - 1, "x") + "*" for i in range(m.MAX_ALLOW)
+            ]
 
         assert sum(map(len, widest(0))) == m.MAX_ALLOW_CHARS
         bounded = [m.WORKER_PREFIX + b"-wide-%d" % i for i in range(100)]
@@ -147,7 +166,9 @@ def test_an_empty_allow_list_allows_no_env():
 def test_a_flood_of_identities_cannot_grow_the_registry_without_end():
     with running_broker(dead_after=2.5, max_workers=20) as broker, peers() as connect:
         for i in range(200):
-            connect(broker.endpoint, m.WORKER_PREFIX + b"-flood-%d" % i).send_multipart(pack(registration(allow=["Nothing-*"])))
+            connect(broker.endpoint, m.WORKER_PREFIX + b"-flood-%d" % i).send_multipart(
+                pack(registration(allow=["Nothing-*"]))
+            )
         assert wait_until(lambda: len(broker.workers) == 20, 10)
         time.sleep(0.5)
         assert len(broker.workers) == 20
@@ -163,7 +184,13 @@ def keys(tmp_path):
     """Key pairs of a broker, a worker, a trainer, a second trainer and an admin, and a clients
     directory that lists the last four by role. Yields a function: name -> (public, secret)."""
     clients = tmp_path / "clients"
-    for name, role in (("broker", None), ("worker", "workers"), ("trainer", "trainers"), ("other-trainer", "trainers"), ("admin", "admins")):
+    for name, role in (
+        ("broker", None),
+        ("worker", "workers"),
+        ("trainer", "trainers"),
+        ("other-trainer", "trainers"),
+        ("admin", "admins"),
+    ):
         public, _ = keygen(str(tmp_path), name)
         if role is not None:
             (clients / role).mkdir(parents=True, exist_ok=True)
@@ -180,11 +207,17 @@ def keys(tmp_path):
 
 def test_each_key_may_do_only_what_its_role_allows(keys):
     with running_broker(curve=keys.curve) as broker, peers() as connect:
+
         def as_trainer(name: str, message: dict[str, Any]) -> dict[str, Any] | None:
             return ask(connect(broker.endpoint, m.TRAINER_PREFIX + os.urandom(8), keys(name), keys.broker_key), message)
 
         lease = m.make(m.LEASE, 2, envs=1, env_id="CartPole-v1", endpoint="tcp://127.0.0.1:9", server_key=None)
-        for name, message in (("worker", m.make(m.STATUS, 1)), ("worker", lease), ("admin", lease), ("admin", m.make(m.RELEASE, 3))):
+        for name, message in (
+            ("worker", m.make(m.STATUS, 1)),
+            ("worker", lease),
+            ("admin", lease),
+            ("admin", m.make(m.RELEASE, 3)),
+        ):
             reply = as_trainer(name, message)
             assert reply["kind"] == m.ERROR and reply["error"]["type"] == "PermissionError", (name, message["kind"])
             assert f"may not send {message['kind']}" in reply["error"]["message"]
@@ -192,7 +225,9 @@ def test_each_key_may_do_only_what_its_role_allows(keys):
             assert as_trainer(name, m.make(m.STATUS, 1))["kind"] == m.RESULT
         # Only a worker's key registers a worker.
         for name in ("trainer", "admin", "worker"):
-            connect(broker.endpoint, m.WORKER_PREFIX + name.encode(), keys(name), keys.broker_key).send_multipart(pack(registration()))
+            connect(broker.endpoint, m.WORKER_PREFIX + name.encode(), keys(name), keys.broker_key).send_multipart(
+                pack(registration())
+            )
         assert wait_until(lambda: m.WORKER_PREFIX + b"worker" in broker.workers, 5)
         time.sleep(0.5)
         assert list(broker.workers) == [m.WORKER_PREFIX + b"worker"]
@@ -217,11 +252,25 @@ def test_a_trainer_identity_stays_bound_to_its_key_across_a_broker_restart(keys)
             worker.send_multipart(pack(registration()))
             assert wait_until(lambda: m.WORKER_PREFIX + b"-crafted" in first.workers, 5)
             trainer = connect(first.endpoint, victim, keys("trainer"), keys.broker_key)
-            leased = ask(trainer, m.make(m.LEASE, 1, envs=2, env_id="CartPole-v1", endpoint="tcp://127.0.0.1:9", server_key=keys("trainer")[0].decode()))
+            leased = ask(
+                trainer,
+                m.make(
+                    m.LEASE,
+                    1,
+                    envs=2,
+                    env_id="CartPole-v1",
+                    endpoint="tcp://127.0.0.1:9",
+                    server_key=keys("trainer")[0].decode(),
+                ),
+            )
             assert leased["kind"] == m.LEASED, leased
             assert worker.poll(5000)
             join = m.check(unpack(worker.recv_multipart()))
-            assert join["kind"] == m.JOIN and join["trainer"] == victim and join["trainer_key"] == keys("trainer")[0].decode()
+            assert (
+                join["kind"] == m.JOIN
+                and join["trainer"] == victim
+                and join["trainer_key"] == keys("trainer")[0].decode()
+            )
             trainer.close(linger=0)  # it comes back below, after the impostor
             endpoint = first.endpoint
         time.sleep(0.5)
@@ -236,7 +285,10 @@ def test_a_trainer_identity_stays_bound_to_its_key_across_a_broker_restart(keys)
             assert liar.poll(5000) and unpack(liar.recv_multipart())["kind"] == m.CLOSE
             # Another trainer's key under the victim's identity: its RELEASE and LEASE go unanswered.
             impostor = connect(endpoint, victim, keys("other-trainer"), keys.broker_key)
-            for message in (m.make(m.RELEASE, 2), m.make(m.LEASE, 3, envs=2, env_id="CartPole-v1", endpoint="tcp://127.0.0.1:9", server_key=None)):
+            for message in (
+                m.make(m.RELEASE, 2),
+                m.make(m.LEASE, 3, envs=2, env_id="CartPole-v1", endpoint="tcp://127.0.0.1:9", server_key=None),
+            ):
                 assert ask(impostor, message, timeout=1) is None
             worker.send_multipart(pack(served))
             assert not worker.poll(500)  # no CLOSE: the lease stands
@@ -277,7 +329,9 @@ def test_curve_training_goes_on_through_a_broker_restart(keys):
                 for _ in range(50):
                     envs.step(envs.action_space.sample())
                 identity = envs._router.broker.getsockopt(zmq.IDENTITY)
-                assert wait_until(lambda: len(again.workers) == 2 and all(r.lessee == identity for r in again.workers.values()), 15)
+                assert wait_until(
+                    lambda: len(again.workers) == 2 and all(r.lessee == identity for r in again.workers.values()), 15
+                )
                 assert again.trainer_keys[identity] == keys("trainer")[0].decode()
                 time.sleep(3)  # longer than dead_after: the trainer's heartbeats, under its key, keep the lease
                 assert all(r.lessee == identity for r in again.workers.values())
