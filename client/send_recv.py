@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import numpy as np
 from gymnasium.error import AlreadyPendingCallError, ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.async_vector_env import AsyncState
 
 from envfarm.client.errors import FarmError
 from envfarm.client.router import WorkerHandle
@@ -171,11 +170,7 @@ class SendRecv:
             )
 
     def _idle_ids(self, env_ids: Sequence[int] | np.ndarray, call: str) -> list[int]:
-        if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"Calling `{call}` while waiting for a pending call to `{self._state.value}` to complete.",
-                str(self._state.value),
-            )
+        self._assert_no_pending_call(call)
         ids = [int(i) for i in np.asarray(env_ids).reshape(-1)]
         if not ids:
             raise ValueError(f"{call}() needs at least one env id")

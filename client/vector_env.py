@@ -426,12 +426,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             raise ValueError(
                 f"If seeds are passed as a list the length must match num_envs={self.num_envs} but got length={len(seed)}."
             )
-        if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"Calling `reset_async` while waiting for a pending call to `{self._state.value}` to complete",
-                str(self._state.value),
-            )
-        self._assert_no_send_recv("reset_async")
+        self._assert_idle("reset_async")
         reset_mask = None
         if options is not None and "reset_mask" in options:
             options = dict(options)  # Gymnasium pops the mask out of the caller's own dict; we do not
@@ -451,10 +446,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             multiprocessing.TimeoutError: After `timeout` seconds (None: no limit); the late replies are dropped.
         """
         self._assert_is_running()
-        if self._state != AsyncState.WAITING_RESET:
-            raise NoAsyncCallError(
-                "Calling `reset_wait` without any prior call to `reset_async`.", AsyncState.WAITING_RESET.value
-            )
+        self._assert_waiting(AsyncState.WAITING_RESET, "reset_wait", "reset_async")
         replies = self._wait("reset_wait", timeout)
         infos: dict[str, Any] = {}
         for _, reply in replies:
@@ -485,12 +477,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 not been reset (nothing is stepped then).
         """
         self._assert_is_running()
-        if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"Calling `step_async` while waiting for a pending call to `{self._state.value}` to complete.",
-                str(self._state.value),
-            )
-        self._assert_no_send_recv("step_async")
+        self._assert_idle("step_async")
         leaves = self._action_leaves(actions, self.num_envs)
         if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs.any():
             ended = np.flatnonzero(self._autoreset_envs).tolist()
@@ -552,10 +539,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 failed env works again after it is reset.
         """
         self._assert_is_running()
-        if self._state != AsyncState.WAITING_STEP:
-            raise NoAsyncCallError(
-                "Calling `step_wait` without any prior call to `step_async`.", AsyncState.WAITING_STEP.value
-            )
+        self._assert_waiting(AsyncState.WAITING_STEP, "step_wait", "step_async")
         replies = self._wait("step_wait", timeout)
         infos: dict[str, Any] = {}
         for worker, reply in replies:
@@ -590,12 +574,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     def call_async(self, name: str, /, *args: Any, **kwargs: Any) -> None:
         """Sends the call of `name` to every sub-environment; `call_wait` collects the results."""
         self._assert_is_running()
-        if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"Calling `call_async` while waiting for a pending call to `{self._state.value}` to complete.",
-                str(self._state.value),
-            )
-        self._assert_no_send_recv("call_async")
+        self._assert_idle("call_async")
         if name in _CALL_RESERVED:
             raise ValueError(f"Trying to call function `{name}` with `call`, use `{name}` directly instead.")
         self._send(
@@ -607,10 +586,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
         """Waits for the calls sent by `call_async` and returns one result per env."""
         self._assert_is_running()
-        if self._state != AsyncState.WAITING_CALL:
-            raise NoAsyncCallError(
-                "Calling `call_wait` without any prior call to `call_async`.", AsyncState.WAITING_CALL.value
-            )
+        self._assert_waiting(AsyncState.WAITING_CALL, "call_wait", "call_async")
         replies = self._wait("call_wait", timeout)
         self._raise_errors(replies)
         return tuple(value for _, reply in replies for value in reply["values"])
@@ -629,12 +605,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 "Values must be a list or tuple with length equal to the number of environments. "
                 f"Got `{len(values)}` values for {self.num_envs} environments."
             )
-        if self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(
-                f"Calling `set_attr` while waiting for a pending call to `{self._state.value}` to complete.",
-                str(self._state.value),
-            )
-        self._assert_no_send_recv("set_attr")
+        self._assert_idle("set_attr")
         requests = {
             worker: {"name": name, "values": list(values[worker.env_ids.start : worker.env_ids.stop])}
             for worker in self._workers
@@ -680,6 +651,26 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     @property
     def _buffer(self) -> BatchBuffer:
         return self._segments[0]
+
+    def _assert_idle(self, call: str) -> None:
+        """The guard of every synchronous-API call that starts something: AlreadyPendingCallError
+        while a call or a send/recv is pending."""
+        self._assert_no_pending_call(call)
+        self._assert_no_send_recv(call)
+
+    def _assert_no_pending_call(self, call: str) -> None:
+        """AlreadyPendingCallError, worded as AsyncVectorEnv words it, while a call is pending."""
+        if self._state != AsyncState.DEFAULT:
+            period = "" if call == "reset_async" else "."  # AsyncVectorEnv's reset_async says it without one
+            raise AlreadyPendingCallError(
+                f"Calling `{call}` while waiting for a pending call to `{self._state.value}` to complete{period}",
+                str(self._state.value),
+            )
+
+    def _assert_waiting(self, state: AsyncState, call: str, starter: str) -> None:
+        """The guard of every `*_wait`: NoAsyncCallError without its `*_async` first."""
+        if self._state != state:
+            raise NoAsyncCallError(f"Calling `{call}` without any prior call to `{starter}`.", state.value)
 
     def _assert_is_running(self) -> None:
         if self.closed:
