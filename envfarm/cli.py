@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="compare envfarm with SyncVectorEnv, AsyncVectorEnv and EnvPool")
     add_bench_arguments(bench)
+
+    from envfarm.tune import add_arguments as add_tune_arguments
+
+    tune = commands.add_parser(
+        "tune", help="measure which arrangement of processes steps an env fastest here, and say it"
+    )
+    add_tune_arguments(tune)
     return parser
 
 
@@ -303,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         public, secret = keygen(args.directory, args.name)
         print(f"wrote {public} (share it) and {secret} (keep it private)")
         return 0
+    if args.command == "tune":
+        from envfarm.tune import main as tune_main
+
+        return tune_main(args)
     if args.command == "bench":
         from envfarm.bench import main as bench_main
 
