@@ -109,6 +109,23 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
                 envs.step(envs.action_space.sample())
         finally:
             envs.close()
+        [broker_container] = compose("ps", "-q", "broker").stdout.split()
+        scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics').read().decode())"
+        metrics = subprocess.run(
+            ["docker", "exec", broker_container, "python3", "-c", scrape], capture_output=True, text=True, timeout=60
+        )
+        assert "envfarm_leases_total 1.0" in metrics.stdout and "envfarm_restarts_total 1.0" in metrics.stdout, (
+            metrics.stdout[-2000:]
+        )
+        # The broker stops (at once: SIGTERM reaches it through the init): an idle worker that cannot
+        # reach it stops touching its alive file after --broker-grace (10 s), so its check fails.
+        assert _stop_seconds(broker_container) < 2.0
+        worker = compose("ps", "-q", "worker").stdout.split()[0]
+        alive = ["docker", "exec", worker, "envfarm", "alive", "/tmp/envfarm-alive", "--within", "3"]
+        assert wait_until(lambda: subprocess.run(alive, capture_output=True).returncode == 1, 30), (
+            "a worker without its broker stayed healthy"
+        )
+        assert _stop_seconds(worker) < 2.0
     finally:
         down = compose("down", "-v", "--remove-orphans", "--rmi", "all")
         assert down.returncode == 0, down.stderr[-2000:]
@@ -133,6 +150,13 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
     )
     images = subprocess.run(["docker", "images", "-q", image], capture_output=True, text=True)
     assert left.stdout.strip() == networks.stdout.strip() == volumes.stdout.strip() == images.stdout.strip() == ""
+
+
+def _stop_seconds(container: str) -> float:
+    """How long `docker stop` of a container takes (it kills after 10 s)."""
+    start = time.monotonic()
+    subprocess.run(["docker", "stop", container], check=True, capture_output=True, timeout=60)
+    return time.monotonic() - start
 
 
 def _health(container: str) -> str:
