@@ -52,23 +52,18 @@ def workers_of(broker: Broker, commands: list[list[str]]) -> Iterator[list[subpr
             process.wait(10)
 
 
+def worker_command(broker: str, slots: int, *options: str) -> list[str]:
+    """The command line of a farm worker process of `slots` slots serving `broker`."""
+    return [sys.executable, "-m", "envfarm", "worker", "--broker", broker, "--slots", str(slots), *options]
+
+
 @contextlib.contextmanager
 def start_farm(
     workers: int, slots: int, *worker_options: str, **broker_options: Any
 ) -> Iterator[tuple[Broker, list[subprocess.Popen]]]:
     """A broker on 127.0.0.1 and `workers` local worker processes of `slots` slots each."""
     with running_broker(**broker_options) as broker:
-        command = [
-            sys.executable,
-            "-m",
-            "envfarm",
-            "worker",
-            "--broker",
-            broker.endpoint,
-            "--slots",
-            str(slots),
-            *worker_options,
-        ]
+        command = worker_command(broker.endpoint, slots, *worker_options)
         with workers_of(broker, [command] * workers) as processes:
             yield broker, processes
 

@@ -18,7 +18,7 @@ import pytest
 import zmq
 import zmq.auth
 from compare import assert_same
-from farms import assert_serves, cpu_hogs, running_broker, start_farm, workers_of
+from farms import assert_serves, cpu_hogs, running_broker, start_farm, worker_command, workers_of
 from polling import wait_until
 
 import envfarm
@@ -184,7 +184,7 @@ def test_a_frozen_worker_that_comes_back_registers_again(quick_farm):
 
 def test_workers_are_leased_only_for_the_envs_they_allow():
     with running_broker() as broker:
-        worker = [sys.executable, "-m", "envfarm", "worker", "--broker", broker.endpoint, "--slots", "2"]
+        worker = worker_command(broker.endpoint, 2)
         with workers_of(broker, [worker + ["--allow", "Pendulum-*"], worker]):
             restricted = next(r.identity for r in broker.workers.values() if r.allow == ["Pendulum-*"])
             with pytest.raises(
@@ -466,20 +466,7 @@ def test_an_oversized_frame_is_refused_and_the_broker_goes_on(farm):
 def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(tmp_path):
     alive = tmp_path / "alive"
     with running_broker(dead_after=2.5) as broker:
-        command = [
-            sys.executable,
-            "-m",
-            "envfarm",
-            "worker",
-            "--broker",
-            broker.endpoint,
-            "--slots",
-            "2",
-            "--processes",
-            "2",
-            "--alive-file",
-            str(alive),
-        ]
+        command = worker_command(broker.endpoint, 2, "--processes", "2", "--alive-file", str(alive))
         host = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         try:
             assert wait_until(lambda: len(broker.workers) == 2, 30), "the two worker processes did not register"
@@ -728,20 +715,7 @@ def test_an_idle_worker_out_of_the_brokers_reach_says_so_and_is_unhealthy_until_
     port = broker.endpoint.rsplit(":", 1)[1]
     thread = threading.Thread(target=broker.serve, daemon=True)
     thread.start()
-    command = [
-        sys.executable,
-        "-m",
-        "envfarm",
-        "worker",
-        "--broker",
-        broker.endpoint,
-        "--slots",
-        "2",
-        "--alive-file",
-        str(alive),
-        "--broker-grace",
-        "1",
-    ]
+    command = worker_command(broker.endpoint, 2, "--alive-file", str(alive), "--broker-grace", "1")
     host = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     check = [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "1.5"]
     try:
@@ -771,20 +745,7 @@ def test_an_idle_worker_out_of_the_brokers_reach_says_so_and_is_unhealthy_until_
 def test_each_process_of_a_worker_has_its_own_alive_file_so_one_stuck_process_is_seen(tmp_path):
     alive = tmp_path / "alive"
     with running_broker() as broker:
-        command = [
-            sys.executable,
-            "-m",
-            "envfarm",
-            "worker",
-            "--broker",
-            broker.endpoint,
-            "--slots",
-            "2",
-            "--processes",
-            "2",
-            "--alive-file",
-            str(alive),
-        ]
+        command = worker_command(broker.endpoint, 2, "--processes", "2", "--alive-file", str(alive))
         host = subprocess.Popen(command, stderr=subprocess.DEVNULL)
         check = [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "3"]
         try:
