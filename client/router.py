@@ -214,6 +214,10 @@ class Router:
                 self.broker = self.context.socket(zmq.DEALER)
                 self.broker.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
                 self.broker.setsockopt(zmq.LINGER, 0)
+                # A send waits at most this long for a connection to the broker (a DEALER with none
+                # blocks: e.g. after a Curve handshake the broker refused). The request is then
+                # lost, and the wait for its reply times out naming the likely cause: never a hang.
+                self.broker.setsockopt(zmq.SNDTIMEO, 1000)
                 self.broker.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
                 self.broker.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
                 if curve is not None:
@@ -271,7 +275,10 @@ class Router:
         if worker.channel and self.channels.send(worker.index, frames):
             return
         if worker.identity == b"":  # the broker
-            self.broker.send_multipart([b"", *frames], copy=False)
+            try:
+                self.broker.send_multipart([b"", *frames], copy=False)
+            except zmq.Again:
+                pass  # no connection to it: the reply's wait times out, saying why
             return
         try:
             self.socket.send_multipart([worker.identity, *frames], copy=False)

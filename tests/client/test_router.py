@@ -121,3 +121,25 @@ def test_a_worker_that_could_not_read_its_request_fails_that_request_instead_of_
     socket.send_multipart(pack(m.make(m.ERROR, 0, error=error)))
     replies = router.collect({worker: 42}, 5.0, wait_all=True)
     assert replies[worker]["kind"] == m.ERROR and replies[worker]["rid"] == 42
+
+
+def test_a_send_to_a_broker_that_refused_the_handshake_never_blocks(context):
+    # A plaintext trainer and a Curve broker: the handshake fails, libzmq drops the connection, and
+    # a DEALER with none blocks in send. The request must be given up (its wait then times out,
+    # saying why), not hang the trainer: seen once in CI, in make_vec's lease.
+    server = context.socket(zmq.ROUTER)
+    server.curve_server = True
+    server.curve_publickey, server.curve_secretkey = zmq.curve_keypair()
+    server.setsockopt(zmq.LINGER, 0)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    router = Router("tcp://127.0.0.1:*", trusted=False, broker=f"tcp://127.0.0.1:{port}")
+    try:
+        broker = WorkerHandle(-1, b"", range(0), host="broker")
+        router.add(broker)
+        start = time.monotonic()
+        for rid in range(10):  # without a bound, one of these blocks for good
+            router.send(broker, m.make(m.STATUS, rid + 1))
+            time.sleep(0.02)
+        assert time.monotonic() - start < 20  # each gives up within a second
+    finally:
+        router.close()
