@@ -14,12 +14,14 @@ send/recv runs num_envs envs in batches of num_envs / 2, with rollouts of 256 ba
 transitions per update as the others' 128 steps x num_envs.
 
 With --heavy-tail, each CartPole step also burns CPU as envfarm's HeavyTail bench env does (200 us,
-one step in ten 20x longer): envs that cost more than the policy, and unevenly.
+one step in ten 20x longer): envs that cost more than the policy, and unevenly. With --busy N, N
+busy processes spin beside each run, as other work on a shared machine.
 
-    python3 docs/measure/training_loop.py                          # x8 and x16, 3 repeats: ~10 minutes on 2 CPUs
-    python3 docs/measure/training_loop.py --num-envs 8 --repeats 5
-    python3 docs/measure/training_loop.py --num-envs 8 --heavy-tail --steps 15000
-    python3 docs/measure/training_loop.py --num-envs 8 --busy 1 --steps 15000   # beside one busy process
+    python3 docs/measure/training_loop.py                                          # x8 and x16, 3 repeats: ~8 minutes on 2 CPUs
+    python3 docs/measure/training_loop.py --num-envs 8 --heavy-tail --steps 10000  # ~5 minutes
+    python3 docs/measure/training_loop.py --num-envs 8 --busy 1 --steps 4096       # ~3 minutes
+
+docs/training.md has the results.
 """
 
 from __future__ import annotations
