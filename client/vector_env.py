@@ -34,7 +34,7 @@ from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoA
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
-from gymnasium.vector.utils import batch_differing_spaces, batch_space
+from gymnasium.vector.utils import batch_differing_spaces, batch_space, iterate
 
 from envfarm.client.batch_buffer import BatchBuffer, takes_unchanged
 from envfarm.client.errors import FarmError, WorkerDiedError, rebuild
@@ -118,7 +118,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         on_failure: "raise" (default): a lost worker raises WorkerDiedError. "restart" (farm
             only): its envs are built again on another leased worker and reset; that step or
             reset reports them truncated=True with info["envfarm_restarted"] (their last
-            observation is gone: the one returned begins the new episode). At most
+            observation is gone: the one returned begins the new episode; under SAME_STEP it
+            is also their info["final_obs"], with an empty final_info). At most
             RESTARTS_PER_MINUTE restarts a minute, then WorkerDiedError.
         startup_timeout: Seconds to wait for the workers to start and build their envs.
 
@@ -548,7 +549,10 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             rows = slice(worker.env_ids.start, worker.env_ids.stop)
             self._buffer.write_results(rows, reply)
             self._buffer.write(rows, reply["obs"])
-            infos = info_codec.add_block(infos, reply["infos"], worker.env_ids, self.num_envs)
+            block_infos = reply["infos"]
+            if reply.get("restarted") and self.autoreset_mode == AutoresetMode.SAME_STEP:
+                block_infos = self._restart_final_infos(worker, block_infos)
+            infos = info_codec.add_block(infos, block_infos, worker.env_ids, self.num_envs)
         buffer = self._buffer
         self._autoreset_envs = buffer.terminations | buffer.truncations
         self._raise_errors(replies)
@@ -559,6 +563,14 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             buffer.truncations.copy(),
             infos,
         )
+
+    def _restart_final_infos(self, worker: WorkerHandle, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Restarted envs' infos under SAME_STEP, where a truncated env's info holds its final_obs
+        and final_info, as Gymnasium's: a learner reads them for every truncated env. The lost
+        episode's last observation is gone, so final_obs is the new episode's first (the one
+        returned) and final_info is empty; info["envfarm_restarted"] tells them apart."""
+        first_obs = iterate(self.observation_space, self._buffer.rows(list(worker.env_ids)))
+        return [{"final_obs": obs, "final_info": {}, **info} for obs, info in zip(first_obs, infos)]
 
     # ----------------------------------------------------------------- call, attributes, render
 
@@ -837,6 +849,7 @@ def _truncated_by_restart(reset_reply: dict[str, Any]) -> dict[str, Any]:
         "terminated": np.zeros(count, np.bool_),
         "truncated": np.ones(count, np.bool_),
         "infos": [{**info, "envfarm_restarted": True} for info in info_codec.unbatch(reset_reply["infos"], count)],
+        "restarted": True,
     }
 
 

@@ -310,6 +310,39 @@ def test_restart_policy_rebuilds_lost_envs_on_a_spare_worker(farm, fault):
         envs.close()
 
 
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "wire"])
+def test_a_restart_under_same_step_gives_every_truncated_env_a_final_obs(farm, shared_memory):
+    # Under SAME_STEP a learner bootstraps from info["final_obs"][i] for every truncated env i;
+    # a restarted env is truncated too, so it must have one (before, a KeyError in the learner).
+    envs = envfarm.make_vec(
+        "CartPole-v1",
+        8,
+        broker=farm.endpoint,
+        on_failure="restart",
+        shared_memory=shared_memory,
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    try:
+        envs.reset(seed=0)
+        victim = envs._workers[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        info: dict = {}
+        while "envfarm_restarted" not in info and time.monotonic() < deadline:
+            obs, _, terminated, truncated, info = envs.step(envs.action_space.sample())
+        assert "envfarm_restarted" in info, "the lost worker's envs were not restarted"
+        ended = np.flatnonzero(terminated | truncated)
+        assert set(range(4, 8)) <= set(ended.tolist())
+        assert info["_final_obs"][ended].all() and info["_final_info"][ended].all()
+        for i in range(4, 8):
+            assert info["final_obs"][i].shape == envs.single_observation_space.shape
+            np.testing.assert_array_equal(info["final_obs"][i], obs[i])  # the new episode's first
+        for _ in range(20):  # training goes on
+            envs.step(envs.action_space.sample())
+    finally:
+        envs.close()
+
+
 def test_a_worker_given_up_for_lost_never_writes_into_its_replacements_rows():
     # A same-host worker frozen past dead_after is given up for lost and its envs rebuilt on the
     # spare; when it wakes up it finishes the step it was sent and writes its results into the
