@@ -118,7 +118,8 @@ def bootstrap_truncated(
     the value of CartPole's states does not depend on a clock the agent cannot see. An env that
     envfarm restarted after losing its worker (info["envfarm_restarted"]) is truncated with no
     last observation: nothing is added for it."""
-    cut = truncated & info.get("_final_obs", np.zeros_like(truncated))
+    none = np.zeros_like(truncated)
+    cut = truncated & info.get("_final_obs", none) & ~info.get("_envfarm_restarted", none)
     if not cut.any():
         return rewards
     last_obs = torch.as_tensor(np.stack(info["final_obs"][cut]))

@@ -150,15 +150,17 @@ class EnvfarmVecEnv(VecEnv):
         for i in np.flatnonzero(dones):
             # SAME_STEP's info for an env that ended is its reset's info, the step's nested in it
             reset_info = infos[i]
-            if "final_obs" in reset_info:
-                final_obs = reset_info.pop("final_obs")
-                infos[i] = reset_info.pop("final_info", {})
+            final_obs = reset_info.pop("final_obs", None)
+            final_info = reset_info.pop("final_info", {})
+            if reset_info.get("envfarm_restarted"):
+                # envfarm rebuilt this env after its worker died (on_failure="restart"), so its
+                # last observation is lost (final_obs is the new episode's first); SB3 bootstraps
+                # only from a terminal_observation given
+                infos[i] = {**reset_info, "TimeLimit.truncated": True}
+            else:
+                infos[i] = final_info
                 infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
                 infos[i]["terminal_observation"] = final_obs
-            else:
-                # envfarm rebuilt this env after its worker died (on_failure="restart"), so its
-                # last observation is lost; SB3 bootstraps only from a terminal_observation given
-                infos[i] = {**reset_info, "TimeLimit.truncated": True}
             self.reset_infos[i] = reset_info
         for i in np.flatnonzero(~dones):
             infos[i]["TimeLimit.truncated"] = False
