@@ -1,7 +1,8 @@
 """`envfarm bench`: envfarm against SyncVectorEnv, AsyncVectorEnv and EnvPool, interleaved in one run.
 
 Every measurement builds a vector env, resets it, warms it up, times steps with pre-sampled
-random actions, and closes it. Measurements are interleaved (repeat, then env, then num_envs,
+random actions (the `random` loop; envfarm/bench_training.py has the loops with a torch policy,
+`--training`), and closes it. Measurements are interleaved (repeat, then env, then num_envs,
 then every backend in a rotated order) so that a noisy machine's slow spells fall on all the
 backends alike; results are medians over the repeats, and ratios compare medians of the same
 env and num_envs.
@@ -31,12 +32,15 @@ import numpy as np
 from gymnasium.vector.utils import batch_space
 
 import envfarm
+from envfarm import bench_training
 from envfarm.bench_envs import HEAVY_TAIL_ID, SYNTHETIC_ID
 from envfarm.bench_ideal import IdealPair
+from envfarm.bench_training import LOOPS, STEP_BACKENDS, check_loops
 
 BACKENDS = ("sync", "async", "envpool", "envfarm", "envfarm-wire", "envfarm-inline", "envfarm-async", "ideal")
 INSTALL_HINT = "pip install 'envfarm[bench]'"
 ACTION_POOL = 64  # distinct pre-sampled batched actions, cycled through while timing
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,16 @@ class BenchConfig:
     synthetic_step_us: float = 1000.0
     synthetic_obs: tuple[int, ...] = (84, 84, 3)
     seed: int = 0
+    loops: tuple[str, ...] = ("random",)  # who picks the actions: see envfarm/bench_training.py
+
+
+# `--training`: what a training run sees, read against the ideal harness.
+TRAINING = BenchConfig(
+    envs=("cartpole", "halfcheetah"),
+    num_envs=(8, 16),
+    backends=("sync", "envfarm", "envfarm-inline", "ideal"),
+    loops=("mlp", "mlp-1t", "ppo", "ppo-1t"),
+)
 
 
 # The CI smoke: every backend's code path on two cheap envs, in seconds.
@@ -114,9 +128,20 @@ class Measurement:
     startup_s: float  # construction and first reset
     worker_mib: float | None  # summed PSS of the worker processes; None where envs run in-process
     trainer_mib: float  # RSS of this process (it grows over a run: modules loaded, memory not returned)
+    cpu_us_per_step: float | None = None  # CPU time of the trainer and its workers per env step
+    loop: str = "random"
 
 
-SUMMARY_FIELDS = ("steps_per_s", "p50_us", "p90_us", "p99_us", "startup_s", "worker_mib", "trainer_mib")
+SUMMARY_FIELDS = (
+    "steps_per_s",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "startup_s",
+    "worker_mib",
+    "trainer_mib",
+    "cpu_us_per_step",
+)
 
 
 # ---------------------------------------------------------------------------------- availability
@@ -142,7 +167,11 @@ def plan_cases(config: BenchConfig, log: TextIO) -> tuple[list[tuple[EnvCase, li
         skipped.append(message)
         print(f"envfarm bench: skipping {message}", file=log)
 
-    for names, valid, what in ((config.envs, known, "env"), (config.backends, BACKENDS, "backend")):
+    for names, valid, what in (
+        (config.envs, known, "env"),
+        (config.backends, BACKENDS, "backend"),
+        (config.loops, LOOPS, "loop"),
+    ):
         for name in names:
             if name not in valid:
                 raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(valid)}")
@@ -153,6 +182,10 @@ def plan_cases(config: BenchConfig, log: TextIO) -> tuple[list[tuple[EnvCase, li
     if "envfarm-async" in backends and not hasattr(envfarm.FarmVectorEnv, "recv"):
         skip("envfarm-async: this envfarm has no async API (FarmVectorEnv.recv)")
         backends.remove("envfarm-async")
+    missing_torch = check_loops(config.loops)
+    if missing_torch:
+        skip(f"the training loops: {missing_torch}")
+        config.loops = tuple(loop for loop in config.loops if loop == "random")
 
     plan = []
     for key in config.envs:
@@ -233,6 +266,19 @@ def _proc_mib(pid: int, path: str, field: str) -> float:
     return math.nan
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of this process (every thread) and of the processes `pids`, in seconds."""
+    total = time.process_time()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
 def _workers_mib(pids: list[int]) -> float:
     # PSS, not RSS: forked workers share the trainer's pages, and summing RSS would count them once
     # per worker (64 AsyncVectorEnv workers against envfarm's 2 would look far worse than they are).
@@ -249,6 +295,8 @@ def measure(backend: str, case: EnvCase, num_envs: int, repeat: int, config: Ben
             step(i)
         calls = max(1, math.ceil(config.steps / per_call))
         latencies = np.empty(calls)
+        pids = [p.pid for p in getattr(envs, "processes", [])]
+        cpu = cpu_seconds(pids)
         start = time.perf_counter()
         deadline = start + config.seconds
         done = 0
@@ -261,8 +309,8 @@ def measure(backend: str, case: EnvCase, num_envs: int, repeat: int, config: Ben
             if now > deadline:
                 break
         elapsed = time.perf_counter() - start
+        cpu = cpu_seconds(pids) - cpu
         p50, p90, p99 = np.percentile(latencies[:done], [50, 90, 99]) * 1e6
-        pids = [p.pid for p in getattr(envs, "processes", [])]
         worker_mib = _workers_mib(pids) if pids else None
         trainer_mib = _proc_mib(os.getpid(), "status", "VmRSS:")
     finally:
@@ -282,6 +330,7 @@ def measure(backend: str, case: EnvCase, num_envs: int, repeat: int, config: Ben
         startup,
         worker_mib,
         trainer_mib,
+        cpu / env_steps * 1e6,
     )
 
 
@@ -297,18 +346,26 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, log: TextI
     num_envs, medians over repeats), "measurements", "skipped" and "errors".
     """
     plan, skipped = plan_cases(config, log)
-    cells = [(case, n, backends) for case, backends in plan for n in config.num_envs]
-    total = config.repeats * sum(len(backends) for _, _, backends in cells)
+    cells = []
+    for loop in config.loops:
+        for case, backends in plan:
+            if loop != "random":  # a policy steps with step(): the send/recv backend has no place in its loop
+                backends = [backend for backend in backends if backend in STEP_BACKENDS]
+            cells += [(loop, case, n, backends) for n in config.num_envs]
+    total = config.repeats * sum(len(backends) for *_, backends in cells)
     measurements: list[Measurement] = []
     errors: list[str] = []
     count = 0
     for repeat in range(config.repeats):
-        for index, (case, n, backends) in enumerate(cells):
+        for index, (loop, case, n, backends) in enumerate(cells):
             for backend in _rotated(backends, repeat + index):
                 count += 1
-                label = f"[{count}/{total}] {backend} {case.env_id} n={n} repeat {repeat + 1}"
+                label = f"[{count}/{total}] {backend} {case.env_id} n={n} {loop} repeat {repeat + 1}"
                 try:
-                    result = measure(backend, case, n, repeat, config)
+                    if loop == "random":
+                        result = measure(backend, case, n, repeat, config)
+                    else:
+                        result = bench_training.measure(backend, case, n, repeat, config, loop)
                 except Exception as e:  # one broken backend must not cost the whole run
                     errors.append(f"{label}: {type(e).__name__}: {e}")
                     print(f"{label}: failed: {type(e).__name__}: {e}", file=log, flush=True)
@@ -329,25 +386,31 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, log: TextI
 
 
 def summarize(measurements: list[Measurement]) -> list[dict[str, Any]]:
-    """One row per (env, num_envs, backend) in first-measured order: medians over repeats, and the
-    ratio of its median steps/s to sync's and async's for the same env and num_envs."""
-    groups: dict[tuple[str, int, str], list[Measurement]] = {}
+    """One row per (loop, env, num_envs, backend) in first-measured order: medians over repeats, and
+    the ratio of its median steps/s to sync's, async's and ideal's for the same loop, env and num_envs."""
+    groups: dict[tuple[str, str, int, str], list[Measurement]] = {}
     for m in measurements:
-        groups.setdefault((m.env_id, m.num_envs, m.backend), []).append(m)
+        groups.setdefault((m.loop, m.env_id, m.num_envs, m.backend), []).append(m)
     rows = []
-    for (env_id, num_envs, backend), group in groups.items():
-        row: dict[str, Any] = {"env_id": env_id, "num_envs": num_envs, "backend": backend, "repeats": len(group)}
+    for (loop, env_id, num_envs, backend), group in groups.items():
+        row: dict[str, Any] = {
+            "loop": loop,
+            "env_id": env_id,
+            "num_envs": num_envs,
+            "backend": backend,
+            "repeats": len(group),
+        }
         for field in SUMMARY_FIELDS:
             values = [getattr(m, field) for m in group if getattr(m, field) is not None]
             row[field] = statistics.median(values) if values else None
         rows.append(row)
-    speed = {(r["env_id"], r["num_envs"], r["backend"]): r["steps_per_s"] for r in rows}
+    speed = {(r["loop"], r["env_id"], r["num_envs"], r["backend"]): r["steps_per_s"] for r in rows}
     for row in rows:
-        for anchor in ("sync", "async"):
-            base = speed.get((row["env_id"], row["num_envs"], anchor))
+        for anchor in ("sync", "async", "ideal"):
+            base = speed.get((row["loop"], row["env_id"], row["num_envs"], anchor))
             row[f"vs_{anchor}"] = row["steps_per_s"] / base if base else None
-    cells = list(dict.fromkeys((r["env_id"], r["num_envs"]) for r in rows))
-    rows.sort(key=lambda r: (cells.index((r["env_id"], r["num_envs"])), BACKENDS.index(r["backend"])))
+    cells = list(dict.fromkeys((r["loop"], r["env_id"], r["num_envs"]) for r in rows))
+    rows.sort(key=lambda r: (cells.index((r["loop"], r["env_id"], r["num_envs"])), BACKENDS.index(r["backend"])))
     return rows
 
 
@@ -378,60 +441,35 @@ def _meta(config: BenchConfig) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a fixed-width table, one block per env and num_envs."""
-    header = (
-        "env",
-        "n",
-        "backend",
-        "steps/s",
-        "x sync",
-        "x async",
-        "p50 us",
-        "p90 us",
-        "p99 us",
-        "startup s",
-        "workers MiB",
-        "trainer MiB",
+    """The results as a fixed-width table, one block per loop, env and num_envs."""
+    columns = (  # (header, key, format)
+        ("loop", "loop", "{}"),
+        ("env", "env_id", "{}"),
+        ("n", "num_envs", "{}"),
+        ("backend", "backend", "{}"),
+        ("steps/s", "steps_per_s", "{:,.0f}"),
+        ("x sync", "vs_sync", "{:.2f}"),
+        ("x async", "vs_async", "{:.2f}"),
+        ("x ideal", "vs_ideal", "{:.2f}"),
+        ("CPU us/step", "cpu_us_per_step", "{:,.1f}"),
+        ("p50 us", "p50_us", "{:,.0f}"),
+        ("p90 us", "p90_us", "{:,.0f}"),
+        ("p99 us", "p99_us", "{:,.0f}"),
+        ("startup s", "startup_s", "{:.3f}"),
+        ("workers MiB", "worker_mib", "{:,.0f}"),
+        ("trainer MiB", "trainer_mib", "{:,.0f}"),
     )
-    formats = (
-        "{}",
-        "{}",
-        "{}",
-        "{:,.0f}",
-        "{:.2f}",
-        "{:.2f}",
-        "{:,.0f}",
-        "{:,.0f}",
-        "{:,.0f}",
-        "{:.3f}",
-        "{:,.0f}",
-        "{:,.0f}",
-    )
-    keys = (
-        "env_id",
-        "num_envs",
-        "backend",
-        "steps_per_s",
-        "vs_sync",
-        "vs_async",
-        "p50_us",
-        "p90_us",
-        "p99_us",
-        "startup_s",
-        "worker_mib",
-        "trainer_mib",
-    )
-    table = [header]
+    table = [tuple(header for header, _, _ in columns)]
     for row in rows:
-        table.append(tuple("-" if row[k] is None else fmt.format(row[k]) for k, fmt in zip(keys, formats)))
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+        table.append(tuple("-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in columns))
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = []
     for i, line in enumerate(table):
-        if i > 1 and line[:2] != table[i - 1][:2]:
+        if i > 1 and line[:3] != table[i - 1][:3]:
             lines.append("")
         lines.append(
             "  ".join(
-                cell.ljust(w) if j < 3 else cell.rjust(w) for j, (cell, w) in enumerate(zip(line, widths))
+                cell.ljust(w) if j < 4 else cell.rjust(w) for j, (cell, w) in enumerate(zip(line, widths))
             ).rstrip()
         )
     return "\n".join(lines)
@@ -457,29 +495,36 @@ def write_outputs(report: dict[str, Any], out_dir: Path, log: TextIO = sys.stder
 
 
 def plot(rows: list[dict[str, Any]], path: Path, commit: str) -> None:
-    """Steps/s against num_envs, one panel per env, one line per backend (log-log)."""
+    """Steps/s against num_envs, one panel per loop and env, one line per backend (log-log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    env_ids = list(dict.fromkeys(r["env_id"] for r in rows)) or ["(no results)"]
-    cols = min(2, len(env_ids))
-    lines = math.ceil(len(env_ids) / cols)
+    panels = list(dict.fromkeys((r["loop"], r["env_id"]) for r in rows)) or [("random", "(no results)")]
+    cols = min(2, len(panels))
+    lines = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(lines, cols, figsize=(6 * cols, 4 * lines), squeeze=False)
-    for ax, env_id in zip(axes.flat, env_ids):
+    for ax, (loop, env_id) in zip(axes.flat, panels):
         for backend in BACKENDS:
             points = sorted(
-                (r["num_envs"], r["steps_per_s"]) for r in rows if r["env_id"] == env_id and r["backend"] == backend
+                (r["num_envs"], r["steps_per_s"])
+                for r in rows
+                if (r["loop"], r["env_id"], r["backend"]) == (loop, env_id, backend)
             )
             if points:
                 # A fixed colour per backend, the same in every panel whatever is missing from it.
                 ax.plot(*zip(*points), marker="o", label=backend, color=f"C{BACKENDS.index(backend)}")
-        ax.set(title=env_id, xlabel="num_envs", ylabel="steps/s (median)", yscale="log")
+        ax.set(
+            title=env_id if loop == "random" else f"{env_id}, {loop} loop",
+            xlabel="num_envs",
+            ylabel="steps/s (median)",
+            yscale="log",
+        )
         ax.set_xscale("log", base=2)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(env_ids) :]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(f"envfarm bench ({commit})")
     fig.tight_layout()
@@ -524,6 +569,8 @@ def command_line(config: BenchConfig) -> str:
             f"{config.synthetic_step_us:g}",
             "--synthetic-obs",
             "x".join(map(str, config.synthetic_obs)),
+            "--loops",
+            ",".join(config.loops),
         ]
     )
 
@@ -538,14 +585,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, help="...or at most this long (default 2)")
     parser.add_argument("--synthetic-step-us", type=float, help="CPU microseconds per synthetic step (default 1000)")
     parser.add_argument("--synthetic-obs", type=_shape, help="synthetic uint8 observation shape (default 84x84x3)")
+    parser.add_argument(
+        "--loops",
+        type=_names,
+        help=f"comma-separated: {','.join(LOOPS)} (default random; see envfarm/bench_training.py)",
+    )
+    parser.add_argument(
+        "--training",
+        action="store_true",
+        help="the training loops with a torch policy: CartPole and HalfCheetah x8 and x16, sync, envfarm, inline and ideal",
+    )
     parser.add_argument("--out", default="bench-results", help="directory for bench.csv, bench.json, bench.png")
     parser.add_argument("--quick", action="store_true", help="a tiny config for a smoke test (CI)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Runs `envfarm bench` from parsed arguments; prints the table to stdout."""
-    config = dataclasses.replace(QUICK) if args.quick else BenchConfig()
-    for field in ("envs", "num_envs", "backends", "repeats", "steps", "seconds", "synthetic_step_us", "synthetic_obs"):
+    if args.quick and args.training:
+        print("envfarm bench: --quick and --training are two presets; pick one", file=sys.stderr)
+        return 2
+    config = dataclasses.replace(QUICK if args.quick else TRAINING if args.training else BenchConfig())
+    fields = (
+        "envs",
+        "num_envs",
+        "backends",
+        "repeats",
+        "steps",
+        "seconds",
+        "synthetic_step_us",
+        "synthetic_obs",
+        "loops",
+    )
+    for field in fields:
         if getattr(args, field) is not None:
             setattr(config, field, getattr(args, field))
     if config.repeats < 1 or config.steps < 1 or not config.num_envs or min(config.num_envs) < 1:

@@ -19,7 +19,6 @@ semantics promise), and a crash there is the trainer's. Choosing that trade is t
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -29,9 +28,8 @@ from typing import Any, TextIO
 import gymnasium as gym
 
 import envfarm
+from envfarm.bench import cpu_seconds
 from envfarm.transport.cpus import available_cpus
-
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def arrangements(num_envs: int, cpus: int) -> dict[str, dict[str, Any] | None]:
@@ -41,18 +39,6 @@ def arrangements(num_envs: int, cpus: int) -> dict[str, dict[str, Any] | None]:
         candidates["inline"] = {"inline_worker": True, "num_workers": min(cpus, num_envs)}
         candidates["a CPU for the trainer"] = {"num_workers": min(cpus - 1, num_envs)}
     return candidates
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except OSError:
-            pass
-    return total / TICKS
 
 
 def measure(
@@ -68,15 +54,15 @@ def measure(
         actions = [envs.action_space.sample() for _ in range(64)]
         for i in range(20):
             envs.step(actions[i % 64])
-        pids = [os.getpid(), *(process.pid for process in getattr(envs, "processes", []))]
-        cpu, start, steps = _cpu_seconds(pids), time.perf_counter(), 0
+        pids = [process.pid for process in getattr(envs, "processes", [])]
+        cpu, start, steps = cpu_seconds(pids), time.perf_counter(), 0
         while time.perf_counter() - start < seconds:
             pause_until = time.perf_counter() + policy_us / 1e6
             while time.perf_counter() < pause_until:  # the policy's time: busy, as inference is
                 pass
             envs.step(actions[steps % 64])
             steps += 1
-        elapsed, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu
+        elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu
     finally:
         envs.close()
     return steps * num_envs / elapsed, cpu * 1e6 / (steps * num_envs)

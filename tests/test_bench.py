@@ -5,7 +5,9 @@ import dataclasses
 import io
 import json
 
-from envfarm import bench
+import pytest
+
+from envfarm import bench, bench_training
 from envfarm.cli import main
 
 
@@ -51,3 +53,67 @@ def test_bench_skips_missing_extras_with_a_message(tmp_path, monkeypatch):
     assert any(s.startswith("envpool:") for s in report["skipped"]) and any(
         s.startswith("ALE/Pong-v5:") for s in report["skipped"]
     )
+
+
+def test_bench_training_loops_run_each_backend_with_a_torch_policy_in_a_process_of_its_own(tmp_path):
+    pytest.importorskip("torch")
+    code = main(
+        [
+            "bench",
+            "--training",
+            "--envs",
+            "cartpole",
+            "--num-envs",
+            "4",
+            "--backends",
+            "sync,envfarm,ideal",
+            "--loops",
+            "ppo-1t",
+            "--repeats",
+            "1",
+            "--seconds",
+            "0.2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert code == 0 and report["errors"] == []
+    rows = {(r["loop"], r["backend"]): r for r in report["results"]}
+    assert set(rows) == {("ppo-1t", backend) for backend in ("sync", "envfarm", "ideal")}
+    for row in rows.values():
+        assert row["steps_per_s"] > 0 and row["cpu_us_per_step"] > 0
+        assert row["vs_ideal"] == row["steps_per_s"] / rows[row["loop"], "ideal"]["steps_per_s"]
+    # a PPO loop times whole rollouts of ROLLOUT steps per env, updates included
+    assert all(
+        m["env_steps"] % (bench_training.ROLLOUT * 4) == 0 for m in report["measurements"] if m["loop"] == "ppo-1t"
+    )
+    assert "--loops ppo-1t" in report["meta"]["command"]
+
+
+def test_bench_refuses_an_unknown_loop_and_two_presets(tmp_path, capsys):
+    assert main(["bench", "--quick", "--loops", "greedy", "--out", str(tmp_path)]) == 2
+    assert "unknown loop 'greedy'; choose from random, mlp, mlp-1t, ppo, ppo-1t" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--training", "--out", str(tmp_path)]) == 2
+    assert "two presets" in capsys.readouterr().err
+
+
+def test_bench_skips_the_training_loops_without_torch(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "check_loops", lambda loops: "torch is not installed (pip install torch)")
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--envs",
+            "cartpole",
+            "--backends",
+            "sync",
+            "--loops",
+            "random,ppo",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert code == 0 and [r["loop"] for r in report["results"]] == ["random"]
+    assert report["skipped"] == ["the training loops: torch is not installed (pip install torch)"]
