@@ -18,6 +18,27 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _owner(text: str) -> tuple[int, int]:
+    uid, _, gid = text.partition(":")
+    if not uid.isdigit() or not (gid.isdigit() or gid == ""):
+        raise argparse.ArgumentTypeError("must be a numeric UID or UID:GID, e.g. 1000")
+    return int(uid), int(gid) if gid else -1
+
+
+def _unreadable_keys(command: str, *paths: str | None) -> bool:
+    """Says, in one line naming the file and this process's uid, why a key file (or folder of
+    them) cannot be read; a key a container's user cannot read is the usual first failure of a
+    farm with Curve on. Checked before anything starts."""
+    from envfarm.transport.curve import unreadable
+
+    for path in paths:
+        reason = unreadable(path) if path else None
+        if reason:
+            print(f"envfarm {command}: {reason}", file=sys.stderr)
+            return True
+    return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="envfarm", description="Gymnasium vector environments over ZeroMQ.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="raise",
         help="with --broker: what a lost worker does (default raise)",
     )
+    run.add_argument("--curve-secret", help="with --broker, CurveZMQ: this trainer's secret key file")
+    run.add_argument("--broker-key", help="with --broker, CurveZMQ: the broker's public key file")
 
     broker = commands.add_parser("broker", help="run a farm broker that leases workers to trainers")
     _log_level_argument(broker)
@@ -106,13 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show a broker's workers, their slots and leases")
     status.add_argument("--broker", required=True, help="the broker's endpoint, e.g. tcp://head:5555")
-    status.add_argument("--curve-secret", help="CurveZMQ: this client's secret key file")
-    status.add_argument("--broker-key", help="CurveZMQ: the broker's public key file")
+    # Defaults from the environment: a container's health check (`envfarm status --broker ...`)
+    # then works unchanged when a deployment turns Curve on, and so does `docker exec ... envfarm status`.
+    status.add_argument(
+        "--curve-secret",
+        default=os.environ.get("ENVFARM_CURVE_SECRET"),
+        help="CurveZMQ: this client's secret key file (default: $ENVFARM_CURVE_SECRET)",
+    )
+    status.add_argument(
+        "--broker-key",
+        default=os.environ.get("ENVFARM_BROKER_KEY"),
+        help="CurveZMQ: the broker's public key file (default: $ENVFARM_BROKER_KEY)",
+    )
     status.add_argument("--json", action="store_true")
 
-    keygen = commands.add_parser("keygen", help="write a CurveZMQ key pair: DIR/NAME.key and DIR/NAME.key_secret")
+    keygen = commands.add_parser(
+        "keygen",
+        help="write a CurveZMQ key pair for each NAME: DIR/NAME.key (public) and DIR/NAME.key_secret (mode 0600)",
+    )
     keygen.add_argument("directory")
-    keygen.add_argument("name")
+    keygen.add_argument("names", metavar="name", nargs="+")
+    keygen.add_argument(
+        "--owner",
+        type=_owner,
+        metavar="UID[:GID]",
+        help="give the files to this user: the one a container that mounts them runs as (the image's is 1000); "
+        "another user than yours takes root",
+    )
 
     from envfarm.bench import add_arguments as add_bench_arguments
 
@@ -194,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_envs < 1 or args.steps < 1:
             print("envfarm run: --num-envs and --steps must be at least 1", file=sys.stderr)
             return 2
+        if bool(args.curve_secret) != bool(args.broker_key) or (args.curve_secret and not args.broker):
+            print("envfarm run: --curve-secret and --broker-key go together, with --broker", file=sys.stderr)
+            return 2
+        if _unreadable_keys("run", args.curve_secret, args.broker_key):
+            return 2
+        farm = {"curve": (args.curve_secret, args.broker_key)} if args.curve_secret else {}
         try:
             summary = run_random_policy(
                 args.env_id,
@@ -206,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 context=args.context,
                 broker=args.broker,
                 on_failure=args.on_failure,
+                **farm,
             )
         except (gymnasium.error.Error, ValueError) as e:
             print(f"envfarm run: {e}", file=sys.stderr)
@@ -220,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if bool(args.curve_secret) != bool(args.curve_clients):
             print("envfarm broker: --curve-secret and --curve-clients go together", file=sys.stderr)
+            return 2
+        if _unreadable_keys("broker", args.curve_secret, args.curve_clients):
             return 2
         try:
             broker = Broker(
@@ -256,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.shutdown()
         return 0
     if args.command == "worker":
+        if bool(args.curve_secret) != bool(args.broker_key):
+            print("envfarm worker: --curve-secret and --broker-key go together", file=sys.stderr)
+            return 2
+        if _unreadable_keys("worker", args.curve_secret, args.broker_key):
+            return 2
         from envfarm.protocol import messages as m
         from envfarm.server.worker import run_farm_workers
         from envfarm.transport.cpus import available_cpus
@@ -284,9 +341,6 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        if bool(args.curve_secret) != bool(args.broker_key):
-            print("envfarm worker: --curve-secret and --broker-key go together", file=sys.stderr)
-            return 2
         curve = (args.curve_secret, args.broker_key) if args.curve_secret else None
         _log_to_stderr(args.log_level)
         _stop_on_sigterm()
@@ -298,7 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         from envfarm.status import show_status
 
-        curve = (args.curve_secret, args.broker_key) if args.curve_secret and args.broker_key else None
+        if bool(args.curve_secret) != bool(args.broker_key):
+            print("envfarm status: --curve-secret and --broker-key go together", file=sys.stderr)
+            return 2
+        curve = (args.curve_secret, args.broker_key) if args.curve_secret else None
+        if curve is not None and _unreadable_keys("status", *curve):
+            return 2
         try:
             return show_status(args.broker, curve, args.json)
         except BrokenPipeError:  # `envfarm status | head`: the reader has seen enough
@@ -307,8 +366,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keygen":
         from envfarm.transport.curve import keygen
 
-        public, secret = keygen(args.directory, args.name)
-        print(f"wrote {public} (share it) and {secret} (keep it private)")
+        for name in args.names:
+            try:
+                public, secret = keygen(args.directory, name, args.owner)
+            except (OSError, ValueError) as e:
+                hint = (
+                    " (only root may give files to another user: or run the containers as yours, ENVFARM_UID=$(id -u))"
+                    if isinstance(e, PermissionError) and args.owner
+                    else ""
+                )
+                print(f"envfarm keygen: {name}: {e}{hint}", file=sys.stderr)
+                return 2
+            owner = f", owned by uid {args.owner[0]}" if args.owner else ""
+            print(f"wrote {public} (share it) and {secret} (keep it private{owner})")
         return 0
     if args.command == "tune":
         from envfarm.tune import main as tune_main

@@ -27,12 +27,52 @@ from zmq.utils import z85
 KeyPair = tuple[bytes, bytes]  # (public, secret), z85
 
 
-def keygen(directory: str, name: str) -> tuple[str, str]:
-    """Writes a key pair; returns the (public, secret) file paths. The secret file is private to its owner."""
+def keygen(directory: str, name: str, owner: tuple[int, int] | None = None) -> tuple[str, str]:
+    """Writes a key pair; returns the (public, secret) file paths. The secret file is private to its
+    owner: this process's user, or `owner` (uid, gid; -1 keeps the group), the user a container
+    that mounts it runs as (giving files away takes root, unless `owner` is this user)."""
     os.makedirs(directory, exist_ok=True)
     public, secret = zmq.auth.create_certificates(directory, name)
     os.chmod(secret, 0o600)
+    if owner is not None:
+        try:
+            for path in (public, secret):
+                os.chown(path, *owner)
+        except PermissionError:
+            os.unlink(public)
+            os.unlink(secret)
+            raise
     return public, secret
+
+
+def unreadable(path: str) -> str | None:
+    """Why this process cannot read the key file `path`, or the folder of key files `path` and
+    its subfolders, or None if it can: named, with this process's uid and the file's owner and
+    mode. (A compose file secret is a bind mount that keeps the host's owner and mode, so a 0600
+    key of the host's user is closed to a container's user.)"""
+    paths = [path]
+    if os.path.isdir(path):
+        for folder, folders, files in os.walk(path):
+            paths += [os.path.join(folder, name) for name in folders + files]
+    for each in paths:
+        directory = os.path.isdir(each)
+        if os.access(each, os.R_OK | (os.X_OK if directory else 0)):
+            continue
+        try:
+            status = os.stat(each)
+        except FileNotFoundError:
+            return f"{each} does not exist"
+        except OSError:
+            return f"cannot read {each} as uid {os.getuid()}: a folder on its path is closed to this user"
+        # Never advise running as root: as uid 0 with the host's IPC namespace, a worker could write
+        # every root-owned shared-memory segment on the host.
+        owner = f", or run this process as uid {status.st_uid} (compose: ENVFARM_UID)" if status.st_uid else ""
+        return (
+            f"cannot read {each} as uid {os.getuid()} (it is uid {status.st_uid}'s, mode "
+            f"{status.st_mode & 0o777:04o}): give it to this user (chown {os.getuid()} FILE, or "
+            f"envfarm keygen --owner {os.getuid()} as root){owner}"
+        )
+    return None
 
 
 def load_key_pair(secret_file: str) -> KeyPair:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -133,23 +134,125 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
             ["docker", "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=envfarm"],
             capture_output=True,
         )
-    left = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+    _assert_nothing_left(project, image)
+
+
+@pytest.mark.parametrize("compose_command", COMPOSE_COMMANDS.values(), ids=COMPOSE_COMMANDS.keys())
+def test_compose_farm_with_curve_serves_a_host_trainer(compose_command, tmp_path):
+    """docker/compose.curve.yml's header, as a user follows it: keys by `envfarm keygen`, handed to
+    the containers as Docker secrets; the farm admits only them, and the README's example trainer
+    on this host, given its key, sizes its lease to leave a worker spare and trains."""
+    if not compose_available(compose_command):
+        pytest.skip(f"{' '.join(compose_command)} is not installed")
+    base = subprocess.run([os.path.join(ROOT, "docker", "build-base.sh")], capture_output=True, text=True, timeout=900)
+    if base.returncode == 3:
+        pytest.skip(base.stderr.strip())
+    assert base.returncode == 0, base.stderr[-2000:]
+    keys = tmp_path / "keys"
+    # A compose secret is a bind mount keeping this host's owner and mode (0600): the containers
+    # run as the keys' owner, or, for root (never ENVFARM_UID=0), the keys are given to theirs.
+    uid = "1000" if os.getuid() == 0 else str(os.getuid())
+    owner = ["--owner", uid] if os.getuid() == 0 else []
+    keygen = subprocess.run(
+        [sys.executable, "-m", "envfarm", "keygen", str(keys), "broker", "worker", "trainer", *owner],
         capture_output=True,
         text=True,
+        timeout=60,
     )
-    networks = subprocess.run(
-        ["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"],
-        capture_output=True,
-        text=True,
-    )
-    volumes = subprocess.run(
-        ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"],
-        capture_output=True,
-        text=True,
-    )
-    images = subprocess.run(["docker", "images", "-q", image], capture_output=True, text=True)
-    assert left.stdout.strip() == networks.stdout.strip() == volumes.stdout.strip() == images.stdout.strip() == ""
+    assert keygen.returncode == 0, keygen.stderr
+    project, port = f"eftestc{os.getpid()}", str(20001 + os.getpid() % 20000)
+    image = f"envfarm-test-curve-{os.getpid()}:latest"
+    environment = {
+        "ENVFARM_BASE": base.stdout.strip(),
+        "ENVFARM_OFFLINE": "1",
+        "ENVFARM_PORT": port,
+        "ENVFARM_UID": uid,
+        "ENVFARM_IMAGE": image,
+        "ENVFARM_KEYS": str(keys),
+    }
+    files = ["-f", "docker-compose.yml", "-f", "docker/compose.curve.yml"]
+
+    def compose(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*compose_command, "-p", project, *files, *args],
+            cwd=ROOT,
+            env={**os.environ, **environment},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    broker = f"tcp://127.0.0.1:{port}"
+    trainer_keys = (str(keys / "trainer.key_secret"), str(keys / "broker.key"))
+    try:
+        built = compose("up", "-d", "--build", "--scale", "worker=3")
+        assert built.returncode == 0, built.stderr[-2000:]
+        assert wait_until(lambda: _workers(broker, trainer_keys) == 3, 60), (
+            "the workers did not register: " + compose("logs", "--tail", "5").stdout[-2000:]
+        )
+        [broker_container] = compose("ps", "-q", "broker").stdout.split()
+        # Its health check asks the status with the broker's own key (an admin's).
+        assert wait_until(lambda: _health(broker_container) == "healthy", 60), "the broker's health check failed"
+        assert _workers(broker) == -1  # without a key: no answer at all
+        trainer = subprocess.run(
+            [sys.executable, "docker/example_trainer.py", broker, "--curve", *trainer_keys, "--steps", "3000"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert trainer.returncode == 0, trainer.stderr[-2000:]
+        assert "3 free workers (12 slots): leasing 8 envs, leaving 1 worker (4 slots) spare" in trainer.stdout
+        assert "shared memory: " in trainer.stdout and "steps from 2 farm workers" in trainer.stdout, trainer.stdout
+        # A key the container's user cannot read: one line naming the file and the uid, no traceback.
+        closed = tmp_path / "closed.key_secret"
+        shutil.copy(keys / "worker.key_secret", closed)
+        os.chmod(closed, 0o600)
+        stranger = "1001" if uid == "1000" else "1000"
+        refused = subprocess.run(
+            [
+                "docker", "run", "--rm", "--user", stranger,
+                "-v", f"{closed}:/run/secrets/worker.key_secret:ro", "-v", f"{keys / 'broker.key'}:/run/secrets/broker.key:ro",
+                image, "worker", "--broker", "tcp://127.0.0.1:1",
+                "--curve-secret", "/run/secrets/worker.key_secret", "--broker-key", "/run/secrets/broker.key",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr
+        assert f"cannot read /run/secrets/worker.key_secret as uid {stranger}" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        down = compose("down", "-v", "--remove-orphans", "--rmi", "all")
+        assert down.returncode == 0, down.stderr[-2000:]
+        subprocess.run(
+            ["docker", "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=envfarm"],
+            capture_output=True,
+        )
+    _assert_nothing_left(project, image)
+
+
+def _assert_nothing_left(project: str, image: str) -> None:
+    """No container, network or volume of the compose project, nor its image, is left."""
+    left = {
+        kind: subprocess.run(
+            [
+                "docker",
+                kind,
+                "ls",
+                *(["-a"] if kind == "container" else []),
+                "-q",
+                "--filter",
+                f"label=com.docker.compose.project={project}",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        for kind in ("container", "network", "volume")
+    }
+    left["image"] = subprocess.run(["docker", "images", "-q", image], capture_output=True, text=True).stdout.strip()
+    assert not any(left.values()), left
 
 
 def _stop_seconds(container: str) -> float:
@@ -165,8 +268,8 @@ def _health(container: str) -> str:
     ).stdout.strip()
 
 
-def _workers(broker: str) -> int:
+def _workers(broker: str, curve: tuple[str, str] | None = None) -> int:
     try:
-        return len(query(broker, timeout=1.0)["workers"])
+        return len(query(broker, curve, timeout=1.0)["workers"])
     except TimeoutError:
         return -1

@@ -20,7 +20,14 @@ from envfarm.cli import build_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KUBERNETES = os.path.join(ROOT, "docker", "kubernetes", "envfarm.yaml")
+KUBERNETES_CURVE = os.path.join(ROOT, "docker", "kubernetes", "envfarm-curve.yaml")
+KUBERNETES_FILES = [KUBERNETES, KUBERNETES_CURVE]
 COMPOSE_FILES = [os.path.join(ROOT, "docker-compose.yml"), os.path.join(ROOT, "docker", "swarm.yml")]
+# Curve overlays, each with the file it goes over: (base, overlay), as the tools merge them.
+CURVE_OVERLAYS = {
+    "compose.curve.yml": ("docker-compose.yml", "docker/compose.curve.yml"),
+    "swarm.curve.yml": ("docker/swarm.yml", "docker/swarm.curve.yml"),
+}
 
 
 def defaults(arguments: list[str]) -> list[str]:
@@ -35,18 +42,20 @@ def parses(arguments: list[str]) -> None:
         pytest.fail(f"not a valid envfarm command: {arguments}")
 
 
-def kubernetes_documents() -> list[dict]:
-    with open(KUBERNETES) as f:
+def kubernetes_documents(path: str = KUBERNETES) -> list[dict]:
+    with open(path) as f:
         return list(yaml.safe_load_all(f))
 
 
-def test_kubernetes_manifest_matches_the_schema():
-    for document in kubernetes_documents():
+@pytest.mark.parametrize("path", KUBERNETES_FILES, ids=os.path.basename)
+def test_kubernetes_manifest_matches_the_schema(path):
+    for document in kubernetes_documents(path):
         kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_kubernetes_manifest_runs_valid_envfarm_commands():
-    documents = {(d["kind"], d["metadata"]["name"]): d for d in kubernetes_documents()}
+@pytest.mark.parametrize("path", KUBERNETES_FILES, ids=os.path.basename)
+def test_kubernetes_manifest_runs_valid_envfarm_commands(path):
+    documents = {(d["kind"], d["metadata"]["name"]): d for d in kubernetes_documents(path)}
     port = documents["Service", "envfarm-broker"]["spec"]["ports"][0]["port"]
     for workload in (
         ("Deployment", "envfarm-broker"),
@@ -102,8 +111,9 @@ def test_compose_files_match_the_compose_schema(path):
         assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
 
 
-def test_kubernetes_manifest_meets_what_a_platform_engineer_checks():
-    for document in kubernetes_documents():
+@pytest.mark.parametrize("path", KUBERNETES_FILES, ids=os.path.basename)
+def test_kubernetes_manifest_meets_what_a_platform_engineer_checks(path):
+    for document in kubernetes_documents(path):
         if document["kind"] == "Service":
             continue
         pod = document["spec"]["template"]["spec"]
@@ -121,7 +131,135 @@ def test_kubernetes_manifest_meets_what_a_platform_engineer_checks():
             for probe in ("readinessProbe", "livenessProbe"):
                 if probe in container:  # the default of 1 s restarts healthy pods under a busy CPU quota
                     assert container[probe].get("timeoutSeconds", 1) >= 5, f"{name} {probe}"
-    documents = {(d["kind"], d["metadata"]["name"]): d for d in kubernetes_documents()}
+    documents = {(d["kind"], d["metadata"]["name"]): d for d in kubernetes_documents(path)}
     assert documents["Deployment", "envfarm-broker"]["spec"]["strategy"]["type"] == "Recreate"  # never two brokers
     job = documents["Job", "envfarm-trainer-example"]["spec"]
     assert job["ttlSecondsAfterFinished"] > 0 and job["activeDeadlineSeconds"] > 0
+
+
+# ------------------------------------------------------------------ Curve: keys as secrets
+
+CURVE_FLAGS = ("--curve-secret", "--curve-clients", "--broker-key")
+
+
+def _key_paths(arguments: list[str], environment: dict[str, str]) -> list[str]:
+    """The key files and folders a command reads: its Curve flags' values, and status's variables."""
+    paths = [arguments[i + 1] for i, argument in enumerate(arguments[:-1]) if argument in CURVE_FLAGS]
+    return paths + [
+        value for name, value in environment.items() if name in ("ENVFARM_CURVE_SECRET", "ENVFARM_BROKER_KEY")
+    ]
+
+
+def _assert_keys_mounted(name: str, paths: list[str], mounted: set[str]) -> None:
+    """Each key path is a mounted file, or (--curve-clients) a folder of mounted files by role."""
+    for path in paths:
+        if path.endswith("/clients"):
+            roles = {m[len(path) + 1 :].split("/")[0] for m in mounted if m.startswith(path + "/")}
+            assert roles == {"workers", "trainers", "admins"}, f"{name}: {path} holds {roles}"
+        else:
+            assert path in mounted, f"{name}: {path} is not mounted ({sorted(mounted)})"
+
+
+def _strip_curve(document):
+    """A Curve manifest's document without what Curve adds: what must equal envfarm.yaml's."""
+    if isinstance(document, dict):
+        return {
+            key: _strip_curve(value)
+            for key, value in document.items()
+            if key not in ("volumes", "volumeMounts", "env", "fsGroup")
+        }
+    if isinstance(document, list):
+        if "--curve-secret" in document:
+            document = document[: document.index("--curve-secret")]
+        return [_strip_curve(item) for item in document]
+    return document
+
+
+def test_kubernetes_curve_manifest_is_the_plain_one_with_keys_from_a_secret():
+    plain, curve = kubernetes_documents(KUBERNETES), kubernetes_documents(KUBERNETES_CURVE)
+    assert [_strip_curve(d) for d in curve] == plain  # nothing else drifts apart
+    for document in curve:
+        if document["kind"] == "Service":
+            continue
+        pod = document["spec"]["template"]["spec"]
+        # Readable by the pod's user whatever the key's owner and mode where it was made: the
+        # kubelet gives the files to the fsGroup, group-readable only.
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]
+        [volume] = pod["volumes"]
+        assert volume["secret"]["secretName"] == "envfarm-curve" and volume["secret"]["defaultMode"] == 0o440
+        [container] = pod["containers"]
+        [mount] = container["volumeMounts"]
+        assert mount["name"] == volume["name"] and mount["readOnly"] is True
+        mounted = {f"{mount['mountPath']}/{item['path']}" for item in volume["secret"]["items"]}
+        environment = {variable["name"]: variable["value"] for variable in container.get("env", [])}
+        paths = _key_paths(container["args"], environment)
+        assert paths, f"{document['metadata']['name']} runs without Curve"
+        _assert_keys_mounted(document["metadata"]["name"], paths, mounted)
+        # Each pod holds one secret key, its own.
+        secrets = {item["key"] for item in volume["secret"]["items"] if item["key"].endswith("_secret")}
+        assert len(secrets) == 1, secrets
+
+
+def test_swarm_publishes_the_broker_only_with_curve_on():
+    with open(os.path.join(ROOT, "docker", "swarm.yml")) as f:
+        plaintext = yaml.safe_load(f)["services"]
+    assert not any("ports" in service for service in plaintext.values())  # never the plaintext farm
+    with open(os.path.join(ROOT, "docker", "swarm.curve.yml")) as f:
+        curve = yaml.safe_load(f)["services"]
+    [published] = curve["broker"]["ports"]
+    assert published["target"] == 5555
+    broker = build_parser().parse_args(curve["broker"]["command"])
+    assert broker.curve_secret and broker.curve_clients
+
+
+def _merged(command: list[str]) -> dict:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+    return yaml.safe_load(result.stdout)
+
+
+def _merge_tools(base: str, overlay: str) -> list[list[str]]:
+    tools = []
+    if overlay.endswith("swarm.curve.yml"):
+        if (
+            shutil.which("docker")
+            and subprocess.run(["docker", "stack", "config", "--help"], capture_output=True).returncode == 0
+        ):
+            tools.append(["docker", "stack", "config", "-c", base, "-c", overlay])
+        return tools
+    if shutil.which("docker-compose"):
+        tools.append(["docker-compose", "-f", base, "-f", overlay, "config"])
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        tools.append(["docker", "compose", "-f", base, "-f", overlay, "config"])
+    return tools
+
+
+@pytest.mark.parametrize("files", CURVE_OVERLAYS.values(), ids=CURVE_OVERLAYS.keys())
+def test_curve_overlays_as_merged_run_valid_commands_with_their_keys_mounted(files):
+    """Merged by the tools themselves (docker stack config once appended one health check's
+    arguments to another's): every command and health check parses, every key path a command
+    reads is a secret mounted in its container, and the broker's health check asks with a key."""
+    tools = _merge_tools(*files)
+    if not tools:
+        pytest.skip("none of docker-compose, `docker compose` and `docker stack config` is installed")
+    for tool in tools:
+        services = _merged(tool)["services"]
+        for name, service in services.items():
+            command = defaults([str(argument) for argument in service["command"]])
+            parses(command)
+            test = service["healthcheck"]["test"]
+            assert test[:2] == ["CMD", "envfarm"], f"{' '.join(tool)}: {name}: {test}"
+            parses(defaults([str(argument) for argument in test[2:]]))
+            mounted = {
+                secret["target"] if secret["target"].startswith("/") else f"/run/secrets/{secret['target']}"
+                for secret in service["secrets"]
+            }
+            environment = service.get("environment") or {}
+            paths = _key_paths(command, environment)
+            assert paths, f"{' '.join(tool)}: {name} runs without Curve"
+            _assert_keys_mounted(f"{' '.join(tool)}: {name}", paths, mounted)
+        broker = services["broker"]
+        assert "status" in broker["healthcheck"]["test"] and {
+            "ENVFARM_CURVE_SECRET",
+            "ENVFARM_BROKER_KEY",
+        } <= set(broker["environment"]), f"{' '.join(tool)}: the broker's health check has no key"
