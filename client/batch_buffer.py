@@ -23,7 +23,7 @@ from envfarm.transport.segments import Segment
 
 class BatchBuffer:
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, num_envs: int, *, shared: bool):
-        self.space = observation_space
+        self.space, self.action_space, self.num_envs = observation_space, action_space, num_envs
         layout, size = space_codec.batch_layout(observation_space, action_space, num_envs)
         self.segment: Segment | None = None
         self.descriptor: dict[str, Any] | None = None

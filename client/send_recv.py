@@ -27,6 +27,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 
 from envfarm.client.errors import FarmError
 from envfarm.client.router import WorkerHandle
+from envfarm.client.worker_pool import raise_env_errors
 from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m
 
@@ -140,7 +141,7 @@ class SendRecv:
                 self._ready.appendleft(i)
             for i in failed:
                 self._env_status[i] = IDLE
-            self._raise_errors(
+            raise_env_errors(
                 [
                     (worker, {"kind": m.RESULT, "errors": [[i, self._ready_errors.pop(i)]]})
                     for i in failed

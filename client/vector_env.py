@@ -17,17 +17,11 @@ Same constructor, methods, attributes, error classes and messages as AsyncVector
 
 from __future__ import annotations
 
-import collections
 import multiprocessing
-import os
-import secrets
 import sys
-import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import cloudpickle
 import numpy as np
 from gymnasium import Env, Space, logger, spaces
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError, ResetNeeded
@@ -37,33 +31,16 @@ from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_differing_spaces, batch_space, iterate
 
 from envfarm.client.batch_buffer import BatchBuffer, takes_unchanged
-from envfarm.client.errors import FarmError, WorkerDiedError, rebuild
-from envfarm.client.launch import partition, start_local_workers
-from envfarm.client.router import Router, WorkerHandle, farm_endpoint
+from envfarm.client.errors import FarmError
+from envfarm.client.router import WorkerHandle
 from envfarm.client.send_recv import SendRecv
+from envfarm.client.worker_pool import DEFAULT_STARTUP_TIMEOUT, WorkerPool, raise_env_errors
 from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
-from envfarm.protocol.errors import ErrorInfo
-from envfarm.server import RequestHandler
-from envfarm.transport.channel import TrainerChannels
-from envfarm.transport.channel import available as channel_available
 from envfarm.transport.cpus import available_cpus
-from envfarm.transport.curve import load_key_pair, load_public_key
-from envfarm.transport.segments import Segment
 
 DEFAULT_CLOSE_TIMEOUT = 5.0
-RESTARTS_PER_MINUTE = 5
-# Busy-wait budgets on the shared-memory channel before sleeping on a futex: on the 2-core VM this
-# was tuned on, waking a sleeping process costs 40-90 us, more than a cheap env's whole step. A
-# worker spins for the trainer's next request (its post-processing, or its own inline envs), the
-# trainer for the workers' replies. `python3 docs/measure/spin.py` (medians of 3 interleaved runs,
-# ratio to SyncVectorEnv): worker budget 100 us -> 1 ms took CartPole x16 from 0.63 to 0.72 and
-# HalfCheetah x8 from 0.48 to 0.84.
-WORKER_SPIN_SECONDS = 1e-3
-TRAINER_SPIN_SECONDS = 200e-6
-DEFAULT_STARTUP_TIMEOUT = 120.0
-CONNECT_TIMEOUT = 15.0  # seconds a leased farm worker has to connect to the trainer (it takes milliseconds)
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
 # Gymnasium's own leaf spaces; any other is a custom space, carried as values (pickled, locally).
 _STANDARD_LEAVES = (
@@ -120,7 +97,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             reset reports them truncated=True with info["envfarm_restarted"] (their last
             observation is gone: the one returned begins the new episode; under SAME_STEP it
             is also their info["final_obs"], with an empty final_info). At most
-            RESTARTS_PER_MINUTE restarts a minute, then WorkerDiedError.
+            5 restarts a minute (RESTARTS_PER_MINUTE, client/worker_pool.py), then WorkerDiedError.
         startup_timeout: Seconds to wait for the workers to start and build their envs.
 
     Raises:
@@ -173,7 +150,6 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             raise ValueError(
                 "a farm (broker=...) builds registered envs by id: use envfarm.make_vec(env_id, n, broker=...), without inline_worker"
             )
-        self._remote_env = remote_env
         if on_failure not in ("raise", "restart"):
             raise ValueError(f"on_failure must be 'raise' or 'restart', got {on_failure!r}")
         if on_failure == "restart" and broker is None:
@@ -181,28 +157,25 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 "on_failure='restart' needs a farm (broker=...): a local worker's death is a bug to see, not to hide"
             )
         self.on_failure = on_failure
-        self._restarts: collections.deque[float] = collections.deque()
 
         self._state = AsyncState.DEFAULT
         self._pending: tuple[int, list[WorkerHandle]] | None = None
         self._failure: FarmError | None = None
-        self._broker: WorkerHandle | None = None
-        if broker is None:
-            self._router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
-        else:
-            bind, advertise = farm_endpoint(broker, listen)
-            keys = (load_key_pair(curve[0]), load_public_key(curve[1])) if curve is not None else None
-            self._router = Router(bind, trusted=False, broker=broker, advertise=advertise, curve=keys)
-            self._broker = WorkerHandle(-1, b"", range(0), host="broker")
-            self._router.add(self._broker)
-        self._workers: list[WorkerHandle] = []
-        self._segments: list[BatchBuffer | TrainerChannels] = []
-        self._release = weakref.finalize(self, _release, self._router, self._workers, self._segments)
+        self._pool = WorkerPool(
+            self.env_fns,
+            self.autoreset_mode.value,
+            broker=broker,
+            remote_env=remote_env,
+            listen=listen,
+            curve=curve,
+            on_failure=on_failure,
+        )
+        self._router, self._workers = self._pool.router, self._pool.workers
         try:
             with self._router.patience(startup_timeout):  # farm workers building envs send no heartbeats
                 self._start(startup_timeout)
         except BaseException:
-            self._release()
+            self._pool.release()
             raise
         self._autoreset_envs = np.zeros(self.num_envs, np.bool_)
         self._worker_of_env = np.concatenate([np.full(len(w.env_ids), w.index) for w in self._workers])
@@ -212,25 +185,11 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     # ----------------------------------------------------------------- start-up
 
     def _start(self, timeout: float) -> None:
-        if self._broker is not None:
-            self._workers.extend(self._lease(self.num_envs, timeout))
-        else:
-            blocks = partition(self.num_envs, self.num_workers)
-            remote_blocks = blocks[:-1] if self.inline_worker else blocks
-            self._workers.extend(start_local_workers(self._router.endpoint, remote_blocks, self.context, self.daemon))
-            if self.inline_worker:
-                self._workers.append(
-                    WorkerHandle(len(remote_blocks), b"", blocks[-1], inline=RequestHandler(trusted=True))
-                )
-            for worker in self._workers:
-                self._router.add(worker)
-        self.num_workers = len(self._workers)
-        self._await_hellos([w for w in self._workers if w.inline is None], timeout)
-
-        created = self._replies(
-            self._router.ask(m.CREATE, {worker: self._create_fields(worker) for worker in self._workers}, timeout)
+        """Starts the workers, takes the spaces from their envs, and sets up the batch buffer."""
+        created = self._pool.start(
+            self.num_envs, self.num_workers, self.inline_worker, self.context, self.daemon, timeout
         )
-        self._raise_errors(created)
+        self.num_workers = len(self._workers)
         obs_spaces, action_spaces = [], []
         for _, reply in created:
             for obs_space, action_space in reply["spaces"]:
@@ -247,107 +206,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             raise ValueError(  # AsyncVectorEnv's words: Gymnasium cannot put a custom space in shared memory either
                 "Using `AsyncVector(..., shared_memory=True)` caused an error, you can disable this feature with `shared_memory=False` however this is slower."
             )
-
-        buffer = BatchBuffer(
-            self.single_observation_space, self.single_action_space, self.num_envs, shared=self.shared_memory
-        )
-        self._segments.append(buffer)
-        channels = self._make_channels() if self.shared_memory else None
-        if buffer.descriptor is None and channels is None:
-            return
-        requests = {}
-        for worker in self._workers:
-            channel = (
-                None
-                if channels is None or worker.inline is not None
-                else {**channels.descriptor(worker.index), "spin": WORKER_SPIN_SECONDS}
-            )
-            requests[worker] = {"obs": buffer.descriptor, "channel": channel}
-        for worker, reply in self._replies(self._router.ask(m.ATTACH, requests, timeout)):
-            attached = reply["kind"] == m.ATTACHED
-            worker.shared_memory = attached and reply["obs"]
-            worker.channel = attached and reply["channel"]
-            # Only a local worker is expected to share memory; a farm worker on another host is not.
-            if worker.process is not None and (
-                (buffer.descriptor is not None and not worker.shared_memory)
-                or (channels is not None and not worker.channel)
-            ):
-                logger.warn(
-                    f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket"
-                )
-        if channels is not None:
-            self._router.use_channels(channels)
-
-    def _await_hellos(self, workers: list[WorkerHandle], timeout: float) -> None:
-        """Waits for each worker's HELLO (rid 0). A leased farm worker connects within seconds if
-        it can reach this trainer at all: one that has not after CONNECT_TIMEOUT cannot."""
-        if self._broker is None:
-            self._router.gather(0, workers, timeout)
-            return
-        within = min(timeout, CONNECT_TIMEOUT)
-        try:
-            self._router.gather(0, workers, within)
-        except multiprocessing.TimeoutError:
-            missing = [worker for worker in workers if not worker.connected]
-            hosts = ", ".join(sorted({worker.host for worker in missing}))
-            raise multiprocessing.TimeoutError(
-                f"{len(missing)} leased farm worker(s) (on {hosts}) did not connect to this trainer at {self._router.endpoint} "
-                f"within {within:g} s: they cannot reach that address. Pass listen='HOST[:PORT]' with an address of this "
-                "host that the workers can route to (and a port open to them)"
-            ) from None
-
-    def _create_fields(self, worker: WorkerHandle) -> dict[str, Any]:
-        """CREATE for a worker's block: farm workers get the env id, local ones the pickled env_fns."""
-        if self._remote_env is not None:
-            source = self._remote_env
-        else:
-            source = {"env_fns": cloudpickle.dumps(self.env_fns[worker.env_ids.start : worker.env_ids.stop])}
-        return {"envs": list(worker.env_ids), "source": source, "autoreset_mode": self.autoreset_mode.value}
-
-    def _lease(self, num_envs: int, timeout: float, first_index: int = 0, add: bool = False) -> list[WorkerHandle]:
-        """Leases farm workers for `num_envs` envs and gives each a contiguous block of them, up to
-        its slots; the broker tells them to connect to this trainer, and each will say HELLO."""
-        lease = {
-            "envs": num_envs,
-            "env_id": self._remote_env["env_id"],
-            "endpoint": self._router.endpoint,
-            "server_key": self._router.server_key,
-            "add": add,
-        }
-        try:
-            reply = self._router.ask(m.LEASE, {self._broker: lease}, timeout)[self._broker]
-        except multiprocessing.TimeoutError:
-            raise multiprocessing.TimeoutError(
-                f"no reply from the broker at {self.broker} within {timeout} s: is it running, and if it uses "
-                "CurveZMQ, is this trainer's public key among its clients (curve=...)?"
-            ) from None
-        self._raise_errors([(self._broker, reply)])
-        self._router.dead_after = reply["dead_after"]
-        workers, start = [], first_index
-        for identity, slots, host, pid, key in reply["workers"]:
-            block = range(start, min(start + slots, first_index + num_envs))
-            if key is not None:
-                self._router.admit(key)
-            worker = WorkerHandle(
-                len(self._workers) + len(workers), identity, block, pid=pid, host=host, last_heard=time.monotonic()
-            )
-            workers.append(worker)
-            self._router.add(worker)
-            start = block.stop
-        return workers
-
-    def _make_channels(self) -> TrainerChannels | None:
-        """Shared-memory mailboxes for the local workers, sized for this env's messages."""
-        if not channel_available():
-            return None
-        block = max(len(worker.env_ids) for worker in self._workers)
-        _, obs_bytes = space_codec.shm_layout(self.single_observation_space, block)
-        _, action_bytes = space_codec.shm_layout(self.single_action_space, block)
-        capacities = (64 << 10) + 2 * action_bytes, (1 << 20) + 2 * obs_bytes
-        segment = Segment(TrainerChannels.size(self.num_workers, *capacities))
-        channels = TrainerChannels(segment, self.num_workers, *capacities, TRAINER_SPIN_SECONDS)
-        self._segments.append(channels)
-        return channels
+        self._pool.share(self.single_observation_space, self.single_action_space, self.shared_memory, timeout)
 
     def _set_spaces(self, obs_spaces: list[Space], action_spaces: list[Space]) -> None:
         """The four spaces, chosen and checked exactly as AsyncVectorEnv does."""
@@ -401,7 +260,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
     @property
     def processes(self) -> list[multiprocessing.Process]:
         """The worker processes (each hosts a block of envs, unlike AsyncVectorEnv's one per env)."""
-        return [worker.process for worker in self._workers if worker.process is not None]
+        return self._pool.processes
 
     def reset(
         self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
@@ -459,7 +318,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 False
             )
             infos = info_codec.add_block(infos, reply["infos"], env_ids, self.num_envs)
-        self._raise_errors(replies)
+        raise_env_errors(replies)
         return self._buffer.batch(self.copy), infos
 
     # ----------------------------------------------------------------- step
@@ -555,7 +414,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             infos = info_codec.add_block(infos, block_infos, worker.env_ids, self.num_envs)
         buffer = self._buffer
         self._autoreset_envs = buffer.terminations | buffer.truncations
-        self._raise_errors(replies)
+        raise_env_errors(replies)
         return (
             buffer.batch(self.copy),
             buffer.rewards.copy(),
@@ -600,7 +459,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self._assert_is_running()
         self._assert_waiting(AsyncState.WAITING_CALL, "call_wait", "call_async")
         replies = self._wait("call_wait", timeout)
-        self._raise_errors(replies)
+        raise_env_errors(replies)
         return tuple(value for _, reply in replies for value in reply["values"])
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
@@ -623,7 +482,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             for worker in self._workers
         }
         self._send(m.SET_ATTR, requests, AsyncState.WAITING_CALL)
-        self._raise_errors(self._wait("set_attr", None))
+        raise_env_errors(self._wait("set_attr", None))
 
     # ----------------------------------------------------------------- close
 
@@ -638,31 +497,17 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             logger.warn(f"Calling `close` while waiting for a pending call to `{self._state.value}` to complete.")
         try:
             if not terminate and self._failure is None:
-                self._close_gracefully(timeout)
+                self._pool.close(self._pending if self._state != AsyncState.DEFAULT else None, timeout)
         except (multiprocessing.TimeoutError, FarmError) as e:
             logger.warn(f"envfarm: closing did not finish cleanly ({type(e).__name__}: {e}); killing the workers")
         finally:
-            self._release()
-
-    def _close_gracefully(self, timeout: float) -> None:
-        if self._state != AsyncState.DEFAULT:
-            rid, targets = self._pending
-            self._router.gather(rid, targets, timeout)
-        for _, reply in self._replies(self._router.ask(m.CLOSE, {worker: {} for worker in self._workers}, timeout)):
-            for env_id, error in reply.get("errors", []):
-                logger.warn(f"envfarm: env {env_id} raised in close(): {ErrorInfo.from_data(error).message}")
-        if self._broker is not None:  # the workers are free for other trainers
-            self._router.ask(m.RELEASE, {self._broker: {}}, timeout)
-        deadline = time.monotonic() + timeout
-        for worker in self._workers:
-            if worker.process is not None:
-                worker.process.join(max(0.0, deadline - time.monotonic()))
+            self._pool.release()
 
     # ----------------------------------------------------------------- helpers
 
     @property
     def _buffer(self) -> BatchBuffer:
-        return self._segments[0]
+        return self._pool.buffer
 
     def _assert_idle(self, call: str) -> None:
         """The guard of every synchronous-API call that starts something: AlreadyPendingCallError
@@ -692,34 +537,20 @@ class FarmVectorEnv(SendRecv, VectorEnv):
 
     def _send(self, kind: str, requests: dict[WorkerHandle, dict[str, Any]], state: AsyncState) -> None:
         """Fans one request out to its workers (all sends before any reply is awaited)."""
-        rid = self._router.new_rid()
-        restartable = self.on_failure == "restart" and kind in (m.STEP, m.RESET)
-        for worker, fields in requests.items():
-            try:
-                self._router.send(worker, m.make(kind, rid, **fields))
-            except FarmError as e:
-                if restartable and isinstance(e, WorkerDiedError):
-                    continue  # the wait finds it dead, and restarts it
-                self._failure = e
-                raise
+        try:
+            rid = self._pool.send(kind, requests)
+        except FarmError as e:
+            self._failure = e
+            raise
         self._pending = (rid, list(requests))
         self._state = state
 
     def _wait(self, name: str, timeout: float | None) -> list[tuple[WorkerHandle, dict[str, Any]]]:
-        """Gathers the pending request's replies in worker order; the state returns to DEFAULT."""
+        """Gathers the pending request's replies in worker order; the state returns to DEFAULT. Under
+        the restart policy, a step's envs lost with their worker are reported truncated."""
         rid, targets = self._pending
-        restart = self.on_failure == "restart" and name in ("step_wait", "reset_wait")
-        lost: list[WorkerHandle] = []
         try:
-            replies = self._router.collect(
-                {worker: rid for worker in targets}, timeout, wait_all=True, lost=lost if restart else None
-            )
-            if any(worker.shared_memory for worker in lost):
-                lost += self._fence(lost)
-            for worker in lost:
-                replacement, reply = self._restart(worker)
-                targets = [replacement if target is worker else target for target in targets]
-                replies[replacement] = reply if name == "reset_wait" else _truncated_by_restart(reply)
+            replies, restarted = self._pool.wait(rid, targets, timeout, restart=name in ("step_wait", "reset_wait"))
         except multiprocessing.TimeoutError:
             raise multiprocessing.TimeoutError(
                 f"The call to `{name}` has timed out after {timeout} second(s)."
@@ -729,94 +560,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             raise
         finally:
             self._state, self._pending = AsyncState.DEFAULT, None
-        return [(worker, replies[worker]) for worker in targets]
-
-    def _fence(self, lost: list[WorkerHandle]) -> list[WorkerHandle]:
-        """Moves the batch buffer to a fresh segment. A worker given up for lost may only be slow:
-        it keeps the old segment mapped, and when its step ends it writes there, never into rows
-        that now belong to its replacement. The other workers sharing memory attach to the new one;
-        returns those lost meanwhile (to be restarted too)."""
-        old = self._buffer
-        new = BatchBuffer(self.single_observation_space, self.single_action_space, self.num_envs, shared=True)
-        new.copy_from(old)
-        self._segments[0] = new
-        old.close()
-        survivors = [worker for worker in self._workers if worker.shared_memory and worker not in lost]
-        for worker in survivors:
-            worker.shared_memory = False  # until it says it attached: its results travel in its replies
-        lost_now: list[WorkerHandle] = []
-        replies = self._router.ask(
-            m.ATTACH,
-            {worker: {"obs": new.descriptor, "channel": None} for worker in survivors},
-            DEFAULT_STARTUP_TIMEOUT,
-            lost=lost_now,
-        )
-        for worker, reply in replies.items():
-            worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
-        return lost_now
-
-    def _restart(self, lost: WorkerHandle) -> tuple[WorkerHandle, dict[str, Any]]:
-        """Builds a lost worker's envs again on a newly leased worker and resets them; returns it and the reset's reply."""
-        now = time.monotonic()
-        while self._restarts and self._restarts[0] < now - 60:
-            self._restarts.popleft()
-        if len(self._restarts) >= RESTARTS_PER_MINUTE:
-            raise WorkerDiedError(
-                f"envfarm {lost.describe()} {lost.dead}; not restarted: {RESTARTS_PER_MINUTE} restarts in the last minute already",
-                lost,
-            )
-        self._restarts.append(now)
-        try:
-            [worker] = self._lease(len(lost.env_ids), DEFAULT_STARTUP_TIMEOUT, first_index=lost.env_ids.start, add=True)
-        except RuntimeError as e:
-            raise WorkerDiedError(
-                f"envfarm {lost.describe()} {lost.dead}; no capacity left to restart it: {e}", lost
-            ) from None
-        worker.index = lost.index
-        try:
-            with self._router.patience(DEFAULT_STARTUP_TIMEOUT):
-                self._await_hellos([worker], DEFAULT_STARTUP_TIMEOUT)
-                for kind, fields in (
-                    (m.CREATE, self._create_fields(worker)),
-                    (m.ATTACH, {"obs": self._buffer.descriptor, "channel": None}),
-                    (m.RESET, {"envs": list(worker.env_ids), "seeds": [None] * len(worker.env_ids), "options": None}),
-                ):
-                    reply = self._router.ask(kind, {worker: fields}, DEFAULT_STARTUP_TIMEOUT)[worker]
-                    if kind == m.ATTACH:
-                        worker.shared_memory = reply["kind"] == m.ATTACHED and reply["obs"]
-                    else:
-                        self._raise_errors([(worker, reply)])
-        except Exception as e:
-            raise WorkerDiedError(
-                f"envfarm {lost.describe()} {lost.dead}; restarting it on {worker.describe()} failed: {type(e).__name__}: {e}",
-                lost,
-            ) from e
-        self._workers[self._workers.index(lost)] = worker
-        return worker, reply
-
-    @staticmethod
-    def _replies(replies: dict[WorkerHandle, dict[str, Any]]) -> list[tuple[WorkerHandle, dict[str, Any]]]:
-        return sorted(replies.items(), key=lambda item: item[0].index)
-
-    def _raise_errors(self, replies: list[tuple[WorkerHandle, dict[str, Any]]]) -> None:
-        """Raises the first env's exception (by env index), naming every env that failed."""
-        failures = []
-        for worker, reply in replies:
-            if reply["kind"] == m.ERROR:
-                failures.append(
-                    (worker.env_ids.start, list(worker.env_ids), ErrorInfo.from_data(reply["error"]), worker.describe())
-                )
-            for env_id, error in reply.get("errors", []):
-                failures.append((env_id, [env_id], ErrorInfo.from_data(error), f"env {env_id} on {worker.describe()}"))
-        if not failures:
-            return
-        failures.sort(key=lambda failure: failure[0])
-        _, _, info, where = failures[0]
-        exc = rebuild(info, where)
-        if len(failures) > 1:
-            exc.add_note("also failed: " + "; ".join(f"{w}: {i.type}: {i.message}" for _, _, i, w in failures[1:]))
-        exc.failed_envs = sorted({env for _, envs, _, _ in failures for env in envs})
-        raise exc
+        if name == "step_wait" and restarted:
+            replies = [(w, _truncated_by_restart(r) if w in restarted else r) for w, r in replies]
+        return replies
 
 
 _warned_of_oversubscription = False
@@ -892,18 +638,3 @@ def _check_reset_mask(reset_mask: Any, num_envs: int) -> np.ndarray:
             f"`options['reset_mask']` must contain a boolean array with at least one True value, got reset_mask={reset_mask}"
         )
     return reset_mask
-
-
-def _release(router: Router, workers: list[WorkerHandle], segments: list[BatchBuffer | TrainerChannels]) -> None:
-    """Frees everything a FarmVectorEnv holds; runs once, from close(), garbage collection or exit."""
-    for worker in workers:
-        if worker.process is not None and worker.process.is_alive():
-            worker.process.kill()
-    for worker in workers:
-        if worker.process is not None:
-            worker.process.join()
-        elif worker.inline is not None and worker.inline.envs is not None and not worker.inline.closed:
-            worker.inline.respond({"kind": m.CLOSE, "rid": 0})
-    router.close()
-    for segment in segments:
-        segment.close()

@@ -1,5 +1,5 @@
 """Spin budgets of the same-host channel: FarmVectorEnv steps/s against SyncVectorEnv for several
-(worker, trainer) busy-wait budgets, medians of interleaved repeats. See client/vector_env.py.
+(worker, trainer) busy-wait budgets, medians of interleaved repeats. See client/worker_pool.py.
 
     python3 docs/measure/spin.py CartPole-v1 16
     python3 docs/measure/spin.py HalfCheetah-v5 8
@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 
 import envfarm
-import envfarm.client.vector_env as vector_env
+import envfarm.client.worker_pool as worker_pool
 
 BUDGETS = [(100e-6, 100e-6), (1e-3, 100e-6), (1e-3, 1e-3)]  # (worker, trainer) seconds
 
@@ -38,7 +38,7 @@ if __name__ == "__main__":
         anchor = steps_per_second(sync)
         sync.close()
         for budget in BUDGETS:
-            vector_env.WORKER_SPIN_SECONDS, vector_env.TRAINER_SPIN_SECONDS = budget
+            worker_pool.WORKER_SPIN_SECONDS, worker_pool.TRAINER_SPIN_SECONDS = budget
             envs = envfarm.make_vec(env_id, num_envs)
             ratios[budget].append(steps_per_second(envs) / anchor)
             envs.close()
