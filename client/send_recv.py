@@ -25,6 +25,7 @@ import numpy as np
 from gymnasium.error import AlreadyPendingCallError, ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 
+from envfarm.client.checks import action_leaves
 from envfarm.client.errors import FarmError
 from envfarm.client.router import WorkerHandle
 from envfarm.client.worker_pool import raise_env_errors
@@ -99,7 +100,7 @@ class SendRecv:
         self._assert_is_running()
         ids = self._idle_ids(env_ids, "send")
         self._take_replies(0.0)  # results already in come before those of this send (an inline worker's are instant)
-        leaves = self._action_leaves(actions, len(ids))
+        leaves = action_leaves(self.single_action_space, actions, len(ids))
         if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs[ids].any():
             ended = [i for i in ids if self._autoreset_envs[i]]
             raise ResetNeeded(

@@ -23,14 +23,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from gymnasium import Env, Space, logger, spaces
+from gymnasium import Env, Space, logger
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError, ResetNeeded
-from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
-from gymnasium.vector.utils import batch_differing_spaces, batch_space, iterate
+from gymnasium.vector.utils import iterate
 
 from envfarm.client.batch_buffer import BatchBuffer, takes_unchanged
+from envfarm.client.checks import STANDARD_LEAVES, action_leaves, check_reset_mask, choose_spaces, worker_count
 from envfarm.client.errors import FarmError
 from envfarm.client.router import WorkerHandle
 from envfarm.client.send_recv import SendRecv
@@ -42,17 +42,6 @@ from envfarm.transport.cpus import available_cpus
 
 DEFAULT_CLOSE_TIMEOUT = 5.0
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
-# Gymnasium's own leaf spaces; any other is a custom space, carried as values (pickled, locally).
-_STANDARD_LEAVES = (
-    spaces.Box,
-    spaces.Discrete,
-    spaces.MultiDiscrete,
-    spaces.MultiBinary,
-    spaces.Text,
-    spaces.Graph,
-    spaces.Sequence,
-    spaces.OneOf,
-)
 
 
 class FarmVectorEnv(SendRecv, VectorEnv):
@@ -143,7 +132,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             autoreset_mode if isinstance(autoreset_mode, AutoresetMode) else AutoresetMode(autoreset_mode)
         )
         self.max_concurrency = max_concurrency
-        self.num_workers = _worker_count(self.num_envs, num_workers, envs_per_worker, max_concurrency)
+        self.num_workers = worker_count(self.num_envs, num_workers, envs_per_worker, max_concurrency)
         self.inline_worker = inline_worker
         self.broker = broker
         if broker is not None and (remote_env is None or inline_worker):
@@ -199,51 +188,16 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         self.metadata = dict(first["metadata"])
         self.metadata["autoreset_mode"] = self.autoreset_mode
         self.render_mode = first["render_mode"]
-        self._set_spaces(obs_spaces, action_spaces)
+        self.single_observation_space, self.observation_space, self.single_action_space, self.action_space = (
+            choose_spaces(type(self).__name__, self.observation_mode, obs_spaces, action_spaces)
+        )
         if self.shared_memory and any(
-            not isinstance(leaf, _STANDARD_LEAVES) for leaf in space_codec.leaves(self.single_observation_space)
+            not isinstance(leaf, STANDARD_LEAVES) for leaf in space_codec.leaves(self.single_observation_space)
         ):
             raise ValueError(  # AsyncVectorEnv's words: Gymnasium cannot put a custom space in shared memory either
                 "Using `AsyncVector(..., shared_memory=True)` caused an error, you can disable this feature with `shared_memory=False` however this is slower."
             )
         self._pool.share(self.single_observation_space, self.single_action_space, self.shared_memory, timeout)
-
-    def _set_spaces(self, obs_spaces: list[Space], action_spaces: list[Space]) -> None:
-        """The four spaces, chosen and checked exactly as AsyncVectorEnv does."""
-        mode = self.observation_mode
-        self.single_action_space = action_spaces[0]
-        self.action_space = batch_space(self.single_action_space, self.num_envs)
-        if isinstance(mode, tuple) and len(mode) == 2:
-            if not isinstance(mode[0], Space) or not isinstance(mode[1], Space):
-                raise TypeError(
-                    f"Expected both elements of observation_mode to be Spaces, got {type(mode[0])} and {type(mode[1])}"
-                )
-            self.observation_space, self.single_observation_space = mode
-        elif mode == "same":
-            self.single_observation_space = obs_spaces[0]
-            self.observation_space = batch_space(self.single_observation_space, self.num_envs)
-        elif mode == "different":
-            self.single_observation_space = obs_spaces[0]
-            self.observation_space = batch_differing_spaces(obs_spaces)
-        else:
-            raise ValueError(
-                f"Invalid `observation_mode`, expected: 'same' or 'different' or tuple of single and batch observation space, actual got {mode}"
-            )
-        if mode == "same":
-            if any(space != self.single_observation_space for space in obs_spaces):
-                raise RuntimeError(
-                    f"{type(self).__name__}(..., observation_mode='same') however some of the sub-environments observation spaces are not equivalent. "
-                    "If this is intentional, use `observation_mode='different'` instead."
-                )
-        elif not all(is_space_dtype_shape_equiv(space, self.single_observation_space) for space in obs_spaces):
-            raise RuntimeError(
-                f"{type(self).__name__}(..., observation_mode='different' or custom space) however the sub-environment's observation spaces do not share a common shape and dtype."
-            )
-        if any(space != self.single_action_space for space in action_spaces):
-            raise RuntimeError(
-                f"Some environments have an action space different from `{self.single_action_space}`. "
-                "In order to batch actions, the action spaces from all environments must be equal."
-            )
 
     # ----------------------------------------------------------------- reset
 
@@ -290,7 +244,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         reset_mask = None
         if options is not None and "reset_mask" in options:
             options = dict(options)  # Gymnasium pops the mask out of the caller's own dict; we do not
-            reset_mask = _check_reset_mask(options.pop("reset_mask"), self.num_envs)
+            reset_mask = check_reset_mask(options.pop("reset_mask"), self.num_envs)
         requests = {}
         for worker in self._workers:
             env_ids = [i for i in worker.env_ids if reset_mask is None or reset_mask[i]]
@@ -338,7 +292,7 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         """
         self._assert_is_running()
         self._assert_idle("step_async")
-        leaves = self._action_leaves(actions, self.num_envs)
+        leaves = action_leaves(self.single_action_space, actions, self.num_envs)
         if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs.any():
             ended = np.flatnonzero(self._autoreset_envs).tolist()
             raise ResetNeeded(
@@ -351,34 +305,6 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             rows = slice(worker.env_ids.start, worker.env_ids.stop)
             requests[worker] = {"envs": list(worker.env_ids), "actions": self._action_payload(worker, leaves, rows)}
         self._send(m.STEP, requests, AsyncState.WAITING_STEP)
-
-    def _action_leaves(self, actions: Any, count: int) -> list[Any]:
-        """A batch of `count` actions split into per-leaf batches, each checked against the action space."""
-        try:
-            leaves = space_codec.split(self.single_action_space, actions)
-        except (KeyError, IndexError, TypeError) as e:
-            raise ValueError(
-                f"actions do not match action_space {self.action_space}: {type(e).__name__}: {e}"
-            ) from None
-        checked = []
-        for space, leaf in zip(space_codec.leaves(self.single_action_space), leaves):
-            if space_codec.is_fixed(space):
-                leaf = np.asarray(leaf)
-                if (
-                    leaf.ndim == 0 and count > 0 and not leaf.dtype.hasobject
-                ):  # SyncVectorEnv fails on it with a TypeError too
-                    raise TypeError(
-                        f"actions must be a batch with one row per env ({count}), got the scalar {leaf.item()!r:.100}"
-                    )
-                if leaf.shape != (count, *space.shape) or leaf.dtype.hasobject:
-                    raise ValueError(
-                        f"actions for {space} must be an array of shape {(count, *space.shape)} "
-                        f"(one row per env), got {'dtype object' if leaf.dtype.hasobject else f'shape {leaf.shape}'}"
-                    )
-            elif not isinstance(leaf, (list, tuple)) or len(leaf) != count:
-                raise ValueError(f"actions for {space} must be a tuple of {count} values, got {leaf!r:.100}")
-            checked.append(leaf)
-        return checked
 
     def _action_payload(self, worker: WorkerHandle, leaves: list[Any], rows: slice | list[int]) -> list[Any]:
         """A worker's rows of each action leaf; None where it reads them from the shared batch buffer."""
@@ -601,40 +527,3 @@ def _truncated_by_restart(reset_reply: dict[str, Any]) -> dict[str, Any]:
 
 def _indices(rows: slice | list[int], length: int) -> range | list[int]:
     return range(length)[rows] if isinstance(rows, slice) else rows
-
-
-def _worker_count(
-    num_envs: int, num_workers: int | None, envs_per_worker: int | None, max_concurrency: int | None
-) -> int:
-    if num_workers is not None and envs_per_worker is not None:
-        raise ValueError("pass either num_workers or envs_per_worker, not both")
-    if envs_per_worker is not None:
-        if envs_per_worker < 1:
-            raise ValueError(f"envs_per_worker must be at least 1, got {envs_per_worker}")
-        num_workers = -(-num_envs // envs_per_worker)
-    if num_workers is None:
-        num_workers = available_cpus()
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
-    if max_concurrency is not None:
-        if not isinstance(max_concurrency, (int, np.integer)):
-            raise ValueError(f"`max_concurrency` must be an integer or None, got {type(max_concurrency)}.")
-        if max_concurrency < 1:
-            raise ValueError(f"`max_concurrency` must be a positive or None, got {max_concurrency}.")
-        num_workers = min(num_workers, int(max_concurrency))
-    return min(num_workers, num_envs)
-
-
-def _check_reset_mask(reset_mask: Any, num_envs: int) -> np.ndarray:
-    """Validates `options["reset_mask"]` with Gymnasium's own messages."""
-    if not isinstance(reset_mask, np.ndarray):
-        raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(reset_mask)}")
-    if reset_mask.shape != (num_envs,):
-        raise ValueError(f"`options['reset_mask']` must have shape `({num_envs},)`, got {reset_mask.shape}")
-    if reset_mask.dtype != np.bool_:
-        raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {reset_mask.dtype}")
-    if not np.any(reset_mask):
-        raise ValueError(
-            f"`options['reset_mask']` must contain a boolean array with at least one True value, got reset_mask={reset_mask}"
-        )
-    return reset_mask
