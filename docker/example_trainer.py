@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 import envfarm
-from envfarm.status import query
+from envfarm.status import is_free, query
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("broker", nargs="?", default="tcp://127.0.0.1:5555")
@@ -25,11 +25,10 @@ parser.add_argument("--listen", help="where the workers reach this trainer, if n
 args = parser.parse_args()
 curve = tuple(args.curve) if args.curve else None
 
-# Spare capacity, from the broker's status: the free workers (heard from within 2 s, as the
-# broker leases them: a worker killed a moment ago is listed until it gives it up) and their slots.
+# Spare capacity, from the broker's status: the slots of the workers it would lease out now
+# (unleased and heard from lately: a worker killed a moment ago is listed, but not free).
 try:
-    workers = query(args.broker, curve, timeout=10)["workers"]
-    free = [w["slots"] for w in workers if not w["leased_to"] and w["silent_s"] <= 2]
+    free = [w["slots"] for w in query(args.broker, curve, timeout=10)["workers"] if is_free(w)]
 except TimeoutError as e:
     sys.exit(f"{e} (a farm with Curve on answers only with --curve)")
 if not free:

@@ -49,7 +49,7 @@ from envfarm.transport.sockets import zmtp_heartbeats
 
 MAX_MESSAGE_BYTES = 1 << 20  # control messages are small; a socket facing the network refuses larger frames
 _TCP_ENDPOINT = re.compile(r"tcp://[^\s/]+:\d{1,5}")
-_FRESH_HEARTBEATS = 2.5  # a worker is leased out only if heard from within this many heartbeat intervals
+FRESH_HEARTBEATS = 2.5  # a worker is leased out only if heard from within this many heartbeat intervals
 MAX_WORKERS = 10_000  # registrations kept at most: a flood of identities cannot grow the registry without end
 
 
@@ -408,7 +408,7 @@ class Broker:
     def _free_workers(self, env_id: str | None = None) -> list[RegisteredWorker]:
         """Unleased workers that were heard from lately (one that died a moment ago is not leased
         out) and, given `env_id`, that allow it."""
-        heard_since = time.monotonic() - _FRESH_HEARTBEATS * m.HEARTBEAT_INTERVAL
+        heard_since = time.monotonic() - FRESH_HEARTBEATS * m.HEARTBEAT_INTERVAL
         return [
             r
             for r in self.workers.values()

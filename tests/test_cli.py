@@ -248,3 +248,39 @@ def test_status_and_run_reach_a_curve_farm_with_keys_from_flags_or_the_environme
             if process is not None:
                 process.terminate()
                 process.wait(10)
+
+
+def test_status_stops_calling_a_killed_worker_free_as_the_broker_stops_leasing_it():
+    """The broker strikes a killed worker off after --dead-after (5 s); it leases out only workers
+    heard from within 2.5 heartbeats, and `envfarm status` says "free" by the same rule."""
+    import signal
+
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "envfarm", "broker", "--bind", "tcp://127.0.0.1:0"], stderr=subprocess.PIPE, text=True
+    )
+    workers = []
+    try:
+        endpoint = broker.stderr.readline().split()[-1]
+        for _ in range(2):
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "envfarm", "worker", "--broker", endpoint, "--slots", "1"],
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        deadline = time.monotonic() + 30
+        while "2 free" not in (status := envfarm("status", "--broker", endpoint)).stdout:
+            assert time.monotonic() < deadline, status.stdout + status.stderr
+            time.sleep(0.2)
+        workers[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        while "1 free, 1 silent" not in (status := envfarm("status", "--broker", endpoint)).stdout:
+            assert time.monotonic() - killed < 4.5, status.stdout  # before the broker strikes it off at 5 s
+            time.sleep(0.1)
+        assert status.stdout.startswith("2 workers, 2 slots"), status.stdout
+        lines = status.stdout.splitlines()[1:]
+        assert sum("slots  free " in line for line in lines) == sum("slots  silent " in line for line in lines) == 1
+    finally:
+        for process in (*workers, broker):
+            process.kill()
+            process.wait(10)

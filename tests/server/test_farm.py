@@ -441,8 +441,8 @@ def test_status_shows_workers_slots_and_leases(farm):
             timeout=30,
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith("3 workers, 12 slots, 4 leased to 1 trainers, ")
-        assert result.stdout.count("free") == 2
+        assert result.stdout.startswith("3 workers, 12 slots, 4 leased to 1 trainers, 8 free, ")
+        assert result.stdout.count("slots  free ") == 2
     finally:
         envs.close()
     silent = subprocess.run(
