@@ -8,7 +8,7 @@ import secrets
 
 from gymnasium.vector.utils import clear_mpi_env_vars
 
-from envfarm.client.router import WorkerHandle
+from envfarm.client.worker_handle import WorkerHandle
 from envfarm.server import run_local_worker
 
 

@@ -11,62 +11,22 @@ cut off is reported by name within a deadline instead of being waited for.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import multiprocessing
-import secrets
-import signal
-import socket as sockets
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import zmq
 
+from envfarm.client.broker_link import BrokerHeartbeat, connect_broker
 from envfarm.client.errors import WorkerDiedError
+from envfarm.client.worker_handle import WorkerHandle, exit_reason
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ProtocolError
 from envfarm.protocol.packing import pack, unpack
 from envfarm.transport.channel import TrainerChannels
-from envfarm.transport.curve import KeyPair, secure_client, secure_server
+from envfarm.transport.curve import KeyPair, secure_server
 from envfarm.transport.sockets import keep_alive
-
-
-@dataclass(eq=False)
-class WorkerHandle:
-    """One worker as the trainer sees it: its routing id, the envs it owns, its process if local."""
-
-    index: int
-    identity: bytes
-    env_ids: range
-    process: Any = None  # multiprocessing.Process for a local worker
-    pid: int | None = None
-    host: str = ""
-    shared_memory: bool = False  # reads actions from and writes results into the trainer's batch buffer
-    channel: bool = False  # talks through the trainer's shared-memory channel, not the socket
-    inline: Any = None  # a RequestHandler run in the trainer's own process (inline_worker=True)
-    dead: str = ""  # why, once it is known to be gone
-    last_heard: float = 0.0  # a farm worker: when its last message or heartbeat arrived
-    connected: bool = False  # it said HELLO on this trainer's socket
-    requests_sent: int = (
-        0  # on the socket, to a farm worker: its probes carry the count, its heartbeats say how many it read
-    )
-    link: int | None = None  # a farm worker: the token of its data connection, from its HELLO
-    lost_request: bool = False  # its heartbeat proved a request lost; the verdict is being given
-
-    @property
-    def remote(self) -> bool:
-        """A farm worker: not started by this trainer, so known alive only by what it sends."""
-        return self.process is None and self.inline is None and self.identity != b""
-
-    def describe(self) -> str:
-        if not self.env_ids:
-            return f"the {self.host}"
-        envs = f"env {self.env_ids[0]}" if len(self.env_ids) == 1 else f"envs {self.env_ids[0]}-{self.env_ids[-1]}"
-        if self.inline is not None:
-            return f"worker {self.index} (in the trainer, {envs})"
-        pid = f", pid {self.pid}" if self.pid else ""
-        return f"worker {self.index} ({self.host or 'local'}{pid}, {envs})"
 
 
 def _whole_step_in_shared_memory(worker: WorkerHandle, message: dict[str, Any]) -> bool:
@@ -80,18 +40,6 @@ def _whole_step_in_shared_memory(worker: WorkerHandle, message: dict[str, Any]) 
     )
 
 
-def _exit_reason(process: Any) -> str:
-    code = process.exitcode
-    if code is None:
-        return "stopped answering"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 _CHANNEL_SLICE = 0.02  # seconds between looks at the socket and the processes while waiting on channels
 _SILENCE_CHECK = 0.25  # seconds between looks at the farm workers' heartbeats while waiting
 _MAX_EARLY = 1024  # early HELLOs kept, at most
@@ -101,61 +49,6 @@ _DRAIN_BUDGET = 256  # messages read from the socket between two looks at what i
 _ADMISSION_WAIT = 2.0  # seconds a connecting worker's key may wait for the lease that admits it
 MAX_FARM_FRAME_BYTES = 1 << 30  # the largest frame a farm trainer accepts: a worker's block of observations fits
 _DISCONNECTED = "lost its connection (killed, or its host went away)"
-
-
-class _Heartbeat(threading.Thread):
-    """Tells the broker, from a socket of its own, that this trainer is alive, even while the
-    trainer's thread is busy elsewhere (a broker releases the lease of a trainer gone silent)."""
-
-    def __init__(self, endpoint: str, identity: bytes, curve: tuple[KeyPair, bytes] | None):
-        super().__init__(name="envfarm-heartbeat", daemon=True)
-        self.endpoint, self.identity, self.curve = endpoint, identity, curve
-        self._stopped = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        context = zmq.Context()
-        socket = context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.IDENTITY, self.identity)
-        socket.setsockopt(zmq.LINGER, 0)
-        if self.curve is not None:
-            secure_client(socket, *self.curve)
-        socket.connect(self.endpoint)
-        try:
-            while not self._stopped.wait(m.HEARTBEAT_INTERVAL):
-                try:
-                    socket.send(m.HEARTBEAT_FRAME, zmq.NOBLOCK)
-                except zmq.Again:  # the broker is away; it hears from us again when it is back
-                    pass
-        finally:
-            socket.close(linger=0)
-            context.term()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.join(2)
-
-
-def farm_endpoint(broker: str, listen: str | None) -> tuple[str, str]:
-    """Where a trainer's data socket binds, and the host farm workers are told to connect to.
-
-    `listen` is "host" or "host:port"; by default, this host's address on its route to the broker
-    (which the workers reach too), and a free port. A trainer that reaches its broker on loopback
-    binds every interface: the broker then tells its workers the address it sees the trainer at,
-    which is how workers in containers reach a trainer on their host.
-    """
-    host, port = listen or "", ""
-    if host.count(":") == 1:
-        host, port = host.split(":")
-    if not host and not broker.startswith("tcp://"):
-        host = "127.0.0.1"  # an ipc broker: the farm is on this host
-    elif not host:
-        with sockets.socket(sockets.AF_INET, sockets.SOCK_DGRAM) as probe:  # sends nothing: only picks the route
-            probe.connect((broker[len("tcp://") :].rsplit(":", 1)[0], 9))
-            host = probe.getsockname()[0]
-    address = sockets.gethostbyname(host)
-    bind = "0.0.0.0" if listen is None and ipaddress.ip_address(address).is_loopback else address
-    return f"tcp://{bind}:{port or '*'}", host
 
 
 class Router:
@@ -211,18 +104,7 @@ class Router:
             self.poller = zmq.Poller()
             self.poller.register(self.socket, zmq.POLLIN)
             if broker is not None:
-                self.broker = self.context.socket(zmq.DEALER)
-                self.broker.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
-                self.broker.setsockopt(zmq.LINGER, 0)
-                # A send waits at most this long for a connection to the broker (a DEALER with none
-                # blocks: e.g. after a Curve handshake the broker refused). The request is then
-                # lost, and the wait for its reply times out naming the likely cause: never a hang.
-                self.broker.setsockopt(zmq.SNDTIMEO, 1000)
-                self.broker.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
-                self.broker.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-                if curve is not None:
-                    secure_client(self.broker, *curve)
-                self.broker.connect(broker)
+                self.broker = connect_broker(self.context, broker, curve)
                 self.poller.register(self.broker, zmq.POLLIN)
         except BaseException:  # a port taken, a broker address that does not parse: free what was made
             if self._authenticator is not None:
@@ -230,7 +112,7 @@ class Router:
             self.context.destroy(linger=0)
             raise
         if broker is not None:
-            self._heartbeat = _Heartbeat(broker, self.broker.getsockopt(zmq.IDENTITY) + m.HEARTBEAT_SUFFIX, curve)
+            self._heartbeat = BrokerHeartbeat(broker, self.broker.getsockopt(zmq.IDENTITY) + m.HEARTBEAT_SUFFIX, curve)
 
     def admit(self, key: str) -> None:
         """Lets a worker with this Curve public key (z85) connect: one leased to this trainer."""
@@ -289,7 +171,7 @@ class Router:
             if worker.process is not None:
                 worker.process.join(0.5)
             exited = worker.process is not None and worker.process.exitcode is not None
-            worker.dead = worker.dead or (_exit_reason(worker.process) if exited else _DISCONNECTED)
+            worker.dead = worker.dead or (exit_reason(worker.process) if exited else _DISCONNECTED)
             raise self._died(worker) from None
 
     def _died(self, worker: WorkerHandle) -> WorkerDiedError:
@@ -622,7 +504,7 @@ class Router:
         worker = self._sentinels.pop(sentinel)
         self.poller.unregister(sentinel)
         worker.process.join(0.5)
-        worker.dead = _exit_reason(worker.process)
+        worker.dead = exit_reason(worker.process)
         if worker in pending:  # its last reply may still be in flight
             self._collect_channels(pending, replies)
             if self.socket.poll(100):

@@ -27,7 +27,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 
 from envfarm.client.checks import action_leaves
 from envfarm.client.errors import FarmError
-from envfarm.client.router import WorkerHandle
+from envfarm.client.worker_handle import WorkerHandle
 from envfarm.client.worker_pool import raise_env_errors
 from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m

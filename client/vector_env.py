@@ -32,8 +32,8 @@ from gymnasium.vector.utils import iterate
 from envfarm.client.batch_buffer import BatchBuffer, takes_unchanged
 from envfarm.client.checks import STANDARD_LEAVES, action_leaves, check_reset_mask, choose_spaces, worker_count
 from envfarm.client.errors import FarmError
-from envfarm.client.router import WorkerHandle
 from envfarm.client.send_recv import SendRecv
+from envfarm.client.worker_handle import WorkerHandle
 from envfarm.client.worker_pool import DEFAULT_STARTUP_TIMEOUT, WorkerPool, raise_env_errors
 from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m

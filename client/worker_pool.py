@@ -26,9 +26,11 @@ import cloudpickle
 from gymnasium import Env, Space, logger
 
 from envfarm.client.batch_buffer import BatchBuffer
+from envfarm.client.broker_link import farm_endpoint
 from envfarm.client.errors import WorkerDiedError, rebuild
 from envfarm.client.launch import partition, start_local_workers
-from envfarm.client.router import Router, WorkerHandle, farm_endpoint
+from envfarm.client.router import Router
+from envfarm.client.worker_handle import WorkerHandle
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
 from envfarm.protocol.errors import ErrorInfo

@@ -9,7 +9,8 @@ import zmq
 from polling import wait_until
 
 from envfarm.client.errors import WorkerDiedError
-from envfarm.client.router import Router, WorkerHandle
+from envfarm.client.router import Router
+from envfarm.client.worker_handle import WorkerHandle
 from envfarm.protocol import messages as m
 from envfarm.protocol.packing import unpack
 

@@ -1,0 +1,86 @@
+"""The trainer's link to a farm broker: where its data socket binds, the DEALER it asks the broker
+on (leases, release), and the heartbeat thread that keeps its leases."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket as sockets
+import threading
+
+import zmq
+
+from envfarm.protocol import messages as m
+from envfarm.transport.curve import KeyPair, secure_client
+
+
+def farm_endpoint(broker: str, listen: str | None) -> tuple[str, str]:
+    """Where a trainer's data socket binds, and the host farm workers are told to connect to.
+
+    `listen` is "host" or "host:port"; by default, this host's address on its route to the broker
+    (which the workers reach too), and a free port. A trainer that reaches its broker on loopback
+    binds every interface: the broker then tells its workers the address it sees the trainer at,
+    which is how workers in containers reach a trainer on their host.
+    """
+    host, port = listen or "", ""
+    if host.count(":") == 1:
+        host, port = host.split(":")
+    if not host and not broker.startswith("tcp://"):
+        host = "127.0.0.1"  # an ipc broker: the farm is on this host
+    elif not host:
+        with sockets.socket(sockets.AF_INET, sockets.SOCK_DGRAM) as probe:  # sends nothing: only picks the route
+            probe.connect((broker[len("tcp://") :].rsplit(":", 1)[0], 9))
+            host = probe.getsockname()[0]
+    address = sockets.gethostbyname(host)
+    bind = "0.0.0.0" if listen is None and ipaddress.ip_address(address).is_loopback else address
+    return f"tcp://{bind}:{port or '*'}", host
+
+
+def connect_broker(context: zmq.Context, endpoint: str, curve: tuple[KeyPair, bytes] | None) -> zmq.Socket:
+    """A DEALER to the broker at `endpoint`, with a trainer's identity."""
+    broker = context.socket(zmq.DEALER)
+    broker.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
+    broker.setsockopt(zmq.LINGER, 0)
+    # A send waits at most this long for a connection to the broker (a DEALER with none blocks:
+    # e.g. after a Curve handshake the broker refused). The request is then lost, and the wait for
+    # its reply times out naming the likely cause: never a hang.
+    broker.setsockopt(zmq.SNDTIMEO, 1000)
+    broker.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
+    broker.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+    if curve is not None:
+        secure_client(broker, *curve)
+    broker.connect(endpoint)
+    return broker
+
+
+class BrokerHeartbeat(threading.Thread):
+    """Tells the broker, from a socket of its own, that this trainer is alive, even while the
+    trainer's thread is busy elsewhere (a broker releases the lease of a trainer gone silent)."""
+
+    def __init__(self, endpoint: str, identity: bytes, curve: tuple[KeyPair, bytes] | None):
+        super().__init__(name="envfarm-heartbeat", daemon=True)
+        self.endpoint, self.identity, self.curve = endpoint, identity, curve
+        self._stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        context = zmq.Context()
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.IDENTITY, self.identity)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            secure_client(socket, *self.curve)
+        socket.connect(self.endpoint)
+        try:
+            while not self._stopped.wait(m.HEARTBEAT_INTERVAL):
+                try:
+                    socket.send(m.HEARTBEAT_FRAME, zmq.NOBLOCK)
+                except zmq.Again:  # the broker is away; it hears from us again when it is back
+                    pass
+        finally:
+            socket.close(linger=0)
+            context.term()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(2)

@@ -1,0 +1,57 @@
+"""WorkerHandle: one worker as the trainer sees it (local, inline, or leased from a farm)."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """One worker as the trainer sees it: its routing id, the envs it owns, its process if local."""
+
+    index: int
+    identity: bytes
+    env_ids: range
+    process: Any = None  # multiprocessing.Process for a local worker
+    pid: int | None = None
+    host: str = ""
+    shared_memory: bool = False  # reads actions from and writes results into the trainer's batch buffer
+    channel: bool = False  # talks through the trainer's shared-memory channel, not the socket
+    inline: Any = None  # a RequestHandler run in the trainer's own process (inline_worker=True)
+    dead: str = ""  # why, once it is known to be gone
+    last_heard: float = 0.0  # a farm worker: when its last message or heartbeat arrived
+    connected: bool = False  # it said HELLO on this trainer's socket
+    requests_sent: int = (
+        0  # on the socket, to a farm worker: its probes carry the count, its heartbeats say how many it read
+    )
+    link: int | None = None  # a farm worker: the token of its data connection, from its HELLO
+    lost_request: bool = False  # its heartbeat proved a request lost; the verdict is being given
+
+    @property
+    def remote(self) -> bool:
+        """A farm worker: not started by this trainer, so known alive only by what it sends."""
+        return self.process is None and self.inline is None and self.identity != b""
+
+    def describe(self) -> str:
+        if not self.env_ids:
+            return f"the {self.host}"
+        envs = f"env {self.env_ids[0]}" if len(self.env_ids) == 1 else f"envs {self.env_ids[0]}-{self.env_ids[-1]}"
+        if self.inline is not None:
+            return f"worker {self.index} (in the trainer, {envs})"
+        pid = f", pid {self.pid}" if self.pid else ""
+        return f"worker {self.index} ({self.host or 'local'}{pid}, {envs})"
+
+
+def exit_reason(process: Any) -> str:
+    """Why a local worker process is gone, in words."""
+    code = process.exitcode
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
