@@ -166,7 +166,7 @@ class SendRecv:
     # ----------------------------------------------------------------- internals
 
     def _assert_no_send_recv(self, call: str) -> None:
-        if (self._env_status != IDLE).any():
+        if self._env_status.any():  # IDLE is 0
             raise AlreadyPendingCallError(
                 f"Calling `{call}` while envs are in flight with send/recv: recv their results first.", "send"
             )

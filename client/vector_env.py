@@ -300,10 +300,14 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 "`reset(options={'reset_mask': mask})` before the next step"
             )
         self._buffer.write_actions(slice(None), leaves)
+        all_shared = all(takes_unchanged(shared, leaf) for shared, leaf in zip(self._buffer.actions, leaves))
         requests = {}
         for worker in self._workers:
-            rows = slice(worker.env_ids.start, worker.env_ids.stop)
-            requests[worker] = {"envs": list(worker.env_ids), "actions": self._action_payload(worker, leaves, rows)}
+            if worker.shared_memory and all_shared:  # the common case, kept cheap: a step record on a channel
+                actions = [None] * len(leaves)
+            else:
+                actions = self._action_payload(worker, leaves, slice(worker.env_ids.start, worker.env_ids.stop))
+            requests[worker] = {"envs": worker.env_list, "actions": actions}
         self._send(m.STEP, requests, AsyncState.WAITING_STEP)
 
     def _action_payload(self, worker: WorkerHandle, leaves: list[Any], rows: slice | list[int]) -> list[Any]:
@@ -337,7 +341,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             block_infos = reply["infos"]
             if reply.get("restarted") and self.autoreset_mode == AutoresetMode.SAME_STEP:
                 block_infos = self._restart_final_infos(worker, block_infos)
-            infos = info_codec.add_block(infos, block_infos, worker.env_ids, self.num_envs)
+            if block_infos:  # most steps of most envs have none
+                infos = info_codec.add_block(infos, block_infos, worker.env_ids, self.num_envs)
         buffer = self._buffer
         self._autoreset_envs = buffer.terminations | buffer.truncations
         raise_env_errors(replies)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,11 @@ class WorkerHandle:
     )
     link: int | None = None  # a farm worker: the token of its data connection, from its HELLO
     lost_request: bool = False  # its heartbeat proved a request lost; the verdict is being given
+
+    @functools.cached_property
+    def env_list(self) -> list[int]:
+        """env_ids as the list a message carries, made once (a step's hot path compares it); never mutate it."""
+        return list(self.env_ids)
 
     @property
     def remote(self) -> bool:
