@@ -85,7 +85,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             only): its envs are built again on another leased worker and reset; that step or
             reset reports them truncated=True with info["envfarm_restarted"] (their last
             observation is gone: the one returned begins the new episode; under SAME_STEP it
-            is also their info["final_obs"], with an empty final_info). At most
+            is also their info["final_obs"], with an empty final_info; under NEXT_STEP their
+            next step is the autoreset step, as after any end: a reset, reward 0). At most
             5 restarts a minute (RESTARTS_PER_MINUTE, client/worker_pool.py), then WorkerDiedError.
         startup_timeout: Seconds to wait for the workers to start and build their envs.
 
@@ -167,6 +168,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             self._pool.release()
             raise
         self._autoreset_envs = np.zeros(self.num_envs, np.bool_)
+        # Workers restarted under NEXT_STEP: their envs were reported truncated, so their next step
+        # is the autoreset step Gymnasium makes after every end (a reset, reward 0, no end).
+        self._reset_at_next_step: set[WorkerHandle] = set()
         self._worker_of_env = np.concatenate([np.full(len(w.env_ids), w.index) for w in self._workers])
         self._init_send_recv(batch_size)
         _warn_of_oversubscription(sum(worker.process is not None for worker in self._workers))
@@ -250,6 +254,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             env_ids = [i for i in worker.env_ids if reset_mask is None or reset_mask[i]]
             if env_ids:
                 requests[worker] = {"envs": env_ids, "seeds": [seed[i] for i in env_ids], "options": options}
+            if len(env_ids) == len(worker.env_ids):
+                self._reset_at_next_step.discard(worker)  # reset now: no autoreset step owed
         self._send(m.RESET, requests, AsyncState.WAITING_RESET)
 
     def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
@@ -301,14 +307,19 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             )
         self._buffer.write_actions(slice(None), leaves)
         all_shared = all(takes_unchanged(shared, leaf) for shared, leaf in zip(self._buffer.actions, leaves))
-        requests = {}
+        requests, kinds = {}, {}
         for worker in self._workers:
+            if worker in self._reset_at_next_step:
+                kinds[worker] = m.RESET
+                requests[worker] = {"envs": worker.env_list, "seeds": [None] * len(worker.env_ids), "options": None}
+                continue
             if worker.shared_memory and all_shared:  # the common case, kept cheap: a step record on a channel
                 actions = [None] * len(leaves)
             else:
                 actions = self._action_payload(worker, leaves, slice(worker.env_ids.start, worker.env_ids.stop))
             requests[worker] = {"envs": worker.env_list, "actions": actions}
-        self._send(m.STEP, requests, AsyncState.WAITING_STEP)
+            kinds[worker] = m.STEP
+        self._send(m.STEP if not self._reset_at_next_step else kinds, requests, AsyncState.WAITING_STEP)
 
     def _action_payload(self, worker: WorkerHandle, leaves: list[Any], rows: slice | list[int]) -> list[Any]:
         """A worker's rows of each action leaf; None where it reads them from the shared batch buffer."""
@@ -330,13 +341,20 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         """
         self._assert_is_running()
         self._assert_waiting(AsyncState.WAITING_STEP, "step_wait", "step_async")
-        replies = self._wait("step_wait", timeout)
+        autoreset_steps = self._reset_at_next_step
+        replies = self._wait("step_wait", timeout)  # if it fails, the next step resets them (again: harmless)
+        self._reset_at_next_step = set()
         infos: dict[str, Any] = {}
         for worker, reply in replies:
             if reply["kind"] != m.RESULT:
                 continue
             rows = slice(worker.env_ids.start, worker.env_ids.stop)
-            self._buffer.write_results(rows, reply)
+            if worker in autoreset_steps and not reply.get("restarted"):
+                self._buffer.rewards[rows], self._buffer.terminations[rows], self._buffer.truncations[rows] = 0, 0, 0
+            else:
+                self._buffer.write_results(rows, reply)
+            if reply.get("restarted") and self.autoreset_mode == AutoresetMode.NEXT_STEP:
+                self._reset_at_next_step.add(worker)
             self._buffer.write(rows, reply["obs"])
             block_infos = reply["infos"]
             if reply.get("restarted") and self.autoreset_mode == AutoresetMode.SAME_STEP:
@@ -466,7 +484,9 @@ class FarmVectorEnv(SendRecv, VectorEnv):
         if self._failure is not None:
             raise type(self._failure)(f"{self._failure}; close() this vector env and make a new one")
 
-    def _send(self, kind: str, requests: dict[WorkerHandle, dict[str, Any]], state: AsyncState) -> None:
+    def _send(
+        self, kind: str | dict[WorkerHandle, str], requests: dict[WorkerHandle, dict[str, Any]], state: AsyncState
+    ) -> None:
         """Fans one request out to its workers (all sends before any reply is awaited)."""
         try:
             rid = self._pool.send(kind, requests)

@@ -229,20 +229,21 @@ class WorkerPool:
 
     # ----------------------------------------------------------------- requests
 
-    def send(self, kind: str, requests: dict[WorkerHandle, dict[str, Any]]) -> int:
-        """Fans one request out to its workers (all sends before any reply is awaited); returns its rid.
+    def send(self, kind: str | dict[WorkerHandle, str], requests: dict[WorkerHandle, dict[str, Any]]) -> int:
+        """Fans one request (of one `kind`, or of each worker's) out to its workers, all sends
+        before any reply is awaited; returns its rid.
 
         Raises:
             FarmError: A worker cannot be sent to (under the restart policy, a lost worker owing a
                 STEP or RESET is left for `wait` to restart).
         """
         rid = self.router.new_rid()
-        restartable = self.on_failure == "restart" and kind in (m.STEP, m.RESET)
         for worker, fields in requests.items():
+            worker_kind = kind if isinstance(kind, str) else kind[worker]
             try:
-                self.router.send(worker, m.make(kind, rid, **fields))
+                self.router.send(worker, m.make(worker_kind, rid, **fields))
             except WorkerDiedError:
-                if not restartable:
+                if self.on_failure != "restart" or worker_kind not in (m.STEP, m.RESET):
                     raise
         return rid
 

@@ -302,6 +302,11 @@ def test_restart_policy_rebuilds_lost_envs_on_a_spare_worker(farm, fault):
         assert info["_envfarm_restarted"].tolist() == [False] * 4 + [True] * 4
         assert truncated[4:].all()
         assert envs._workers[1].pid != victim.pid
+        # NEXT_STEP: the step after an end is Gymnasium's autoreset step: a reset, reward 0, no end
+        obs, rewards, terminated, truncated, info = envs.step(envs.action_space.sample())
+        assert rewards[4:].tolist() == [0.0] * 4 and not terminated[4:].any() and not truncated[4:].any()
+        rewards = envs.step(envs.action_space.sample())[1]
+        assert rewards[4:].tolist() == [1.0] * 4  # and then it steps as any env
         for _ in range(20):  # training goes on
             envs.step(envs.action_space.sample())
         with pytest.raises(ValueError, match="needs a farm"):
