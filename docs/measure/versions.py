@@ -51,8 +51,11 @@ def main() -> None:
     }
     for env_id, num_envs, steps in CASES:
         results: dict[str, list[float]] = {name: [] for name in arms}
-        for _ in range(repeats):
-            for name, (python, arrangement) in arms.items():
+        names = list(arms)
+        for repeat in range(repeats):
+            order = names[repeat % len(names) :] + names[: repeat % len(names)]  # no arm always follows the same one
+            for name in order:
+                python, arrangement = arms[name]
                 run = subprocess.run(
                     [python, "-c", ONE, arrangement, env_id, str(num_envs), str(steps)], capture_output=True, text=True
                 )
@@ -62,6 +65,8 @@ def main() -> None:
         anchor = statistics.median(results["sync"])
         cells = ", ".join(f"{name} {statistics.median(values) / anchor:.2f}x" for name, values in results.items())
         print(f"{env_id} x{num_envs}: {cells} (sync {anchor:.0f} steps/s)", flush=True)
+        for name, values in results.items():
+            print(f"    {name}: {', '.join(f'{v:.0f}' for v in values)}", flush=True)
 
 
 if __name__ == "__main__":
