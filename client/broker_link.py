@@ -7,20 +7,49 @@ import ipaddress
 import secrets
 import socket as sockets
 import threading
+from typing import Any
 
 import zmq
 
 from envfarm.protocol import messages as m
-from envfarm.transport.curve import KeyPair, secure_client
+from envfarm.protocol.packing import pack, unpack
+from envfarm.transport.curve import KeyPair, load_key_pair, load_public_key, secure_client
 
 
-def farm_endpoint(broker: str, listen: str | None) -> tuple[str, str]:
+def query(broker: str, curve: tuple[str, str] | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """The broker's STATUS reply; TimeoutError if it does not answer in `timeout` seconds."""
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
+    socket.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        secure_client(socket, load_key_pair(curve[0]), load_public_key(curve[1]))
+    socket.connect(broker)
+    try:
+        socket.send_multipart([b"", *pack(m.make(m.STATUS, 1))])
+        if not socket.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no answer from the broker at {broker} within {timeout:g} s")
+        _, *frames = socket.recv_multipart()
+        return unpack(frames)
+    finally:
+        socket.close(linger=0)
+        context.term()
+
+
+def farm_endpoint(
+    broker: str, listen: str | None, curve: tuple[str, str] | None = None, timeout: float = 5.0
+) -> tuple[str, str]:
     """Where a trainer's data socket binds, and the host farm workers are told to connect to.
 
     `listen` is "host" or "host:port"; by default, this host's address on its route to the broker
-    (which the workers reach too), and a free port. A trainer that reaches its broker on loopback
-    binds every interface: the broker then tells its workers the address it sees the trainer at,
-    which is how workers in containers reach a trainer on their host.
+    (which the workers reach too), and a free port. A trainer that reaches its broker on loopback:
+    - where the broker sees it from another address (its STATUS says: the broker's port is
+      published from a container, and that address is the bridge's), it binds there only, and
+      the broker sends its workers there;
+    - where the broker sees it on loopback too (a head node: broker and trainer on one host,
+      workers elsewhere, which reach the trainer at the address they reach the broker at, unknown
+      here), it binds every interface, as it does for a broker that does not say (an older one)
+      or does not answer within `timeout`.
     """
     host, port = listen or "", ""
     if host.count(":") == 1:
@@ -32,8 +61,22 @@ def farm_endpoint(broker: str, listen: str | None) -> tuple[str, str]:
             probe.connect((broker[len("tcp://") :].rsplit(":", 1)[0], 9))
             host = probe.getsockname()[0]
     address = sockets.gethostbyname(host)
-    bind = "0.0.0.0" if listen is None and ipaddress.ip_address(address).is_loopback else address
+    bind = address
+    if listen is None and ipaddress.ip_address(address).is_loopback and broker.startswith("tcp://"):
+        seen = _seen_at(broker, curve, timeout)
+        bind = seen if seen is not None and not seen.is_loopback else "0.0.0.0"
     return f"tcp://{bind}:{port or '*'}", host
+
+
+def _seen_at(
+    broker: str, curve: tuple[str, str] | None, timeout: float
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address the broker sees this host at; None if it does not say or does not answer (the
+    lease that follows says why)."""
+    try:
+        return ipaddress.ip_address(query(broker, curve, timeout).get("you"))
+    except (TimeoutError, ValueError):
+        return None
 
 
 def connect_broker(context: zmq.Context, endpoint: str, curve: tuple[KeyPair, bytes] | None) -> zmq.Socket:

@@ -78,7 +78,7 @@ class WorkerPool:
         if broker is None:
             self.router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
         else:
-            bind, advertise = farm_endpoint(broker, listen)
+            bind, advertise = farm_endpoint(broker, listen, curve)
             keys = (load_key_pair(curve[0]), load_public_key(curve[1])) if curve is not None else None
             self.router = Router(bind, trusted=False, broker=broker, advertise=advertise, curve=keys)
             self.broker = WorkerHandle(-1, b"", range(0), host="broker")

@@ -3,36 +3,12 @@
 from __future__ import annotations
 
 import json
-import secrets
 import sys
 from typing import Any
 
-import zmq
-
+from envfarm.client.broker_link import query
 from envfarm.protocol import messages as m
-from envfarm.protocol.packing import pack, unpack
 from envfarm.server.broker import FRESH_HEARTBEATS
-from envfarm.transport.curve import load_key_pair, load_public_key, secure_client
-
-
-def query(broker: str, curve: tuple[str, str] | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    """The broker's STATUS reply; TimeoutError if it does not answer in `timeout` seconds."""
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
-    socket.setsockopt(zmq.LINGER, 0)
-    if curve is not None:
-        secure_client(socket, load_key_pair(curve[0]), load_public_key(curve[1]))
-    socket.connect(broker)
-    try:
-        socket.send_multipart([b"", *pack(m.make(m.STATUS, 1))])
-        if not socket.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no answer from the broker at {broker} within {timeout:g} s")
-        _, *frames = socket.recv_multipart()
-        return unpack(frames)
-    finally:
-        socket.close(linger=0)
-        context.term()
 
 
 def is_free(worker: dict[str, Any]) -> bool:

@@ -19,7 +19,7 @@ In farm mode a broker leases workers to trainers and introduces them; it is not 
     trainer -> LEASE   {envs, env_id, endpoint, server_key, add?}   -> LEASED {workers: [[identity, slots, host, pid, key], ...], dead_after}
     broker  -> JOIN    {endpoint, server_key, lease, trainer, trainer_key}   the worker connects to the trainer's endpoint
     trainer -> RELEASE {}                                   -> RESULT {}
-    trainer -> STATUS  {}                                   -> RESULT {workers: [{...}], trainers}   (also an admin's key)
+    trainer -> STATUS  {}                                   -> RESULT {workers: [{...}], trainers, you}   (also an admin's key)
     broker  -> CLOSE   {}                                   the lease is over
 
 A farm worker's HELLO to the broker doubles as its heartbeat: `slots` (envs it hosts at most),

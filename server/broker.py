@@ -350,7 +350,10 @@ class Broker:
                 }
                 for r in self.workers.values()
             ]
-            return m.make(m.RESULT, rid, errors=[], workers=workers, trainers=len(self.trainers))
+            # `you`: the address this broker sees the asker at, where a trainer on its host binds
+            return m.make(
+                m.RESULT, rid, errors=[], workers=workers, trainers=len(self.trainers), you=peer_address or ""
+            )
         raise ProtocolError(f"the broker does not serve {kind} messages")
 
     def _lease(self, trainer: bytes, message: dict[str, Any], endpoint: str, key: str | None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import zmq
 from polling import wait_until
 
 import envfarm
@@ -97,6 +98,10 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
         try:
             # Workers in containers reach the trainer on this host, and share its memory.
             assert all(worker.shared_memory for worker in envs._workers)
+            # Its data socket is bound where the broker sees it (the compose network's gateway), not on
+            # every interface of this host.
+            bound = envs._router.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            assert not bound.startswith(("tcp://0.0.0.0:", "tcp://127.")), bound
             envs.reset(seed=0)
             for _ in range(2000):
                 envs.step(envs.action_space.sample())

@@ -22,6 +22,7 @@ from farms import assert_serves, cpu_hogs, running_broker, start_farm, worker_co
 from polling import wait_until
 
 import envfarm
+from envfarm.client.broker_link import query
 from envfarm.protocol import messages as m
 from envfarm.protocol.packing import pack, unpack
 from envfarm.server.broker import Broker
@@ -457,6 +458,17 @@ def test_status_shows_workers_slots_and_leases(farm):
         timeout=30,
     )
     assert silent.returncode == 1 and "no answer from the broker" in silent.stderr
+
+
+def test_the_broker_says_where_it_sees_a_peer(farm):
+    # STATUS `you`: where a trainer reaching the broker on loopback binds its data socket when the
+    # broker sees it from elsewhere (a published container port: tests/docker checks that case).
+    assert query(farm.endpoint)["you"] == "127.0.0.1"
+    envs = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
+    try:  # seen on loopback: a head node, whose remote workers reach it at the broker's address
+        assert envs._router.socket.getsockopt_string(zmq.LAST_ENDPOINT).startswith("tcp://0.0.0.0:")
+    finally:
+        envs.close()
 
 
 def test_training_goes_on_through_a_broker_restart():
