@@ -133,12 +133,7 @@ def test_compose_farm_serves_a_trainer_and_survives_a_killed_worker(compose_comm
         )
         assert _stop_seconds(worker) < 2.0
     finally:
-        down = compose("down", "-v", "--remove-orphans", "--rmi", "all")
-        assert down.returncode == 0, down.stderr[-2000:]
-        subprocess.run(
-            ["docker", "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=envfarm"],
-            capture_output=True,
-        )
+        _down(compose)
     _assert_nothing_left(project, image)
 
 
@@ -229,12 +224,7 @@ def test_compose_farm_with_curve_serves_a_host_trainer(compose_command, tmp_path
         assert f"cannot read /run/secrets/worker.key_secret as uid {stranger}" in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
     finally:
-        down = compose("down", "-v", "--remove-orphans", "--rmi", "all")
-        assert down.returncode == 0, down.stderr[-2000:]
-        subprocess.run(
-            ["docker", "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=envfarm"],
-            capture_output=True,
-        )
+        _down(compose)
     _assert_nothing_left(project, image)
 
 
@@ -278,3 +268,13 @@ def _workers(broker: str, curve: tuple[str, str] | None = None) -> int:
         return len(query(broker, curve, timeout=1.0)["workers"])
     except TimeoutError:
         return -1
+
+
+def _down(compose) -> None:
+    """Stops and removes the farm, its volumes and images, and the dangling images a build left."""
+    down = compose("down", "-v", "--remove-orphans", "--rmi", "all")
+    assert down.returncode == 0, down.stderr[-2000:]
+    subprocess.run(
+        ["docker", "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=envfarm"],
+        capture_output=True,
+    )
