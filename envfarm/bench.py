@@ -346,6 +346,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, log: TextI
     Returns the report written to bench.json: "meta", "results" (one row per backend, env and
     num_envs, medians over repeats), "measurements", "skipped" and "errors".
     """
+    meta = _meta(config)  # the commit and date at the start: the code measured, whatever lands meanwhile
     plan, skipped = plan_cases(config, log)
     cells = []
     for loop in config.loops:
@@ -375,7 +376,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, log: TextI
                 print(f"{label}: {result.steps_per_s:,.0f} steps/s", file=log, flush=True)
 
     report = {
-        "meta": _meta(config),
+        "meta": meta,
         "results": summarize(measurements),
         "measurements": [dataclasses.asdict(m) for m in measurements],
         "skipped": skipped,
