@@ -86,7 +86,8 @@ class FarmVectorEnv(SendRecv, VectorEnv):
             reset reports them truncated=True with info["envfarm_restarted"] (their last
             observation is gone: the one returned begins the new episode; under SAME_STEP it
             is also their info["final_obs"], with an empty final_info; under NEXT_STEP their
-            next step is the autoreset step, as after any end: a reset, reward 0). At most
+            next step is the autoreset step, as after any end: a reset, reward 0). The
+            send/recv API does not restart: there a lost worker raises WorkerDiedError. At most
             5 restarts a minute (RESTARTS_PER_MINUTE, client/worker_pool.py), then WorkerDiedError.
         startup_timeout: Seconds to wait for the workers to start and build their envs.
 
