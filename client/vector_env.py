@@ -307,20 +307,16 @@ class FarmVectorEnv(SendRecv, VectorEnv):
                 "`reset(options={'reset_mask': mask})` before the next step"
             )
         self._buffer.write_actions(slice(None), leaves)
-        all_shared = all(takes_unchanged(shared, leaf) for shared, leaf in zip(self._buffer.actions, leaves))
-        requests, kinds = {}, {}
+        resets = self._reset_at_next_step
+        requests = {}
         for worker in self._workers:
-            if worker in self._reset_at_next_step:
-                kinds[worker] = m.RESET
+            if worker in resets:
                 requests[worker] = {"envs": worker.env_list, "seeds": [None] * len(worker.env_ids), "options": None}
-                continue
-            if worker.shared_memory and all_shared:  # the common case, kept cheap: a step record on a channel
-                actions = [None] * len(leaves)
             else:
-                actions = self._action_payload(worker, leaves, slice(worker.env_ids.start, worker.env_ids.stop))
-            requests[worker] = {"envs": worker.env_list, "actions": actions}
-            kinds[worker] = m.STEP
-        self._send(m.STEP if not self._reset_at_next_step else kinds, requests, AsyncState.WAITING_STEP)
+                rows = slice(worker.env_ids.start, worker.env_ids.stop)
+                requests[worker] = {"envs": worker.env_list, "actions": self._action_payload(worker, leaves, rows)}
+        kind = {worker: m.RESET if worker in resets else m.STEP for worker in requests} if resets else m.STEP
+        self._send(kind, requests, AsyncState.WAITING_STEP)
 
     def _action_payload(self, worker: WorkerHandle, leaves: list[Any], rows: slice | list[int]) -> list[Any]:
         """A worker's rows of each action leaf; None where it reads them from the shared batch buffer."""
