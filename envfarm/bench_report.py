@@ -1,6 +1,6 @@
 """The output of `envfarm bench`: its results as a table, as bench.csv and bench.json, and as a plot.
 
-envfarm/bench.py configures, plans and measures, then hands its report (see `run_bench`) here.
+envfarm/bench_run.py runs the bench, then hands its report (see `run_bench`) here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
+
+from envfarm.bench_config import BACKENDS, INSTALL_HINT
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -50,8 +52,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_outputs(report: dict[str, Any], out_dir: Path, log: TextIO = sys.stderr) -> None:
     """Writes bench.csv (the results rows), bench.json (the whole report) and bench.png (if matplotlib is there)."""
-    from envfarm.bench import INSTALL_HINT  # here, not above: bench.py imports this module
-
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = report["results"]
     with open(out_dir / "bench.csv", "w", newline="") as f:
@@ -72,8 +72,6 @@ def write_outputs(report: dict[str, Any], out_dir: Path, log: TextIO = sys.stder
 def plot(rows: list[dict[str, Any]], path: Path, commit: str) -> None:
     """Steps/s against num_envs, one panel per loop and env, one line per backend (log-log)."""
     import matplotlib
-
-    from envfarm.bench import BACKENDS  # here, not above: bench.py imports this module
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -2,7 +2,7 @@
 
 A random policy costs the trainer nothing and leaves every core to the envs; a real policy takes
 CPU between steps and torch's threads busy-wait on the cores the workers need. So beside the
-`random` loop (envfarm/bench.py), the bench runs:
+`random` loop (envfarm/bench_measure.py), the bench runs:
 
 - `mlp`: CleanRL's agent (two hidden layers of 64 tanh units, actor and critic) picks every action,
   under torch's default threads;
@@ -20,13 +20,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from envfarm.bench_config import BenchConfig, EnvCase
+from envfarm.bench_measure import Measurement, cpu_seconds, start_envs, trainer_rss_mib, workers_pss_mib
 
 LOOPS = ("random", "mlp", "mlp-1t", "ppo", "ppo-1t")
 ROLLOUT = 128  # steps per env between two PPO updates (CleanRL's num_steps)
@@ -48,10 +50,8 @@ def check_loops(loops: tuple[str, ...]) -> str | None:
     return None
 
 
-def measure(backend: str, case: Any, num_envs: int, repeat: int, config: Any, loop: str) -> Any:
-    """One training-loop measurement, in a process of its own; returns a bench Measurement."""
-    from envfarm.bench import Measurement
-
+def measure(backend: str, case: EnvCase, num_envs: int, repeat: int, config: BenchConfig, loop: str) -> Measurement:
+    """One training-loop measurement, in a process of its own."""
     spec = {
         "backend": backend,
         "case": dataclasses.asdict(case),
@@ -153,13 +153,11 @@ def run_loop(
     """The measuring process: builds the backend, runs the loop, returns the Measurement's fields."""
     import torch
 
-    from envfarm.bench import EnvCase, _proc_mib, _start, _workers_mib, cpu_seconds
-
     if loop.endswith("-1t"):
         torch.set_num_threads(1)
     torch.manual_seed(seed)
     begin = time.perf_counter()
-    envs, _, _ = _start(backend, EnvCase(**case), num_envs, seed)
+    envs, _, _ = start_envs(backend, EnvCase(**case), num_envs, seed)
     startup = time.perf_counter() - begin
     try:
         space = envs.single_action_space
@@ -209,7 +207,7 @@ def run_loop(
                 break
         cpu = cpu_seconds(pids) - cpu
         p50, p90, p99 = np.percentile(latencies, [50, 90, 99]) * 1e6
-        worker_mib = _workers_mib(pids) if pids else None
+        worker_mib = workers_pss_mib(pids) if pids else None
     finally:
         envs.close()
     return {
@@ -221,7 +219,7 @@ def run_loop(
         "p99_us": float(p99),
         "startup_s": startup,
         "worker_mib": worker_mib,
-        "trainer_mib": _proc_mib(os.getpid(), "status", "VmRSS:"),
+        "trainer_mib": trainer_rss_mib(),
         "cpu_us_per_step": cpu / done * 1e6,
     }
 

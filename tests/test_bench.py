@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from envfarm import bench, bench_training
+from envfarm import bench, bench_run, bench_training
 from envfarm.cli import main
 
 
 def test_bench_writes_one_row_per_backend_env_and_num_envs(tmp_path):
     config = dataclasses.replace(bench.QUICK, envs=("cartpole", "synthetic"), num_envs=(4,), repeats=1, steps=300)
     log = io.StringIO()
-    bench.run_bench(config, tmp_path, log=log)
+    bench_run.run_bench(config, tmp_path, log=log)
 
     report = json.loads((tmp_path / "bench.json").read_text())
     with open(tmp_path / "bench.csv", newline="") as f:
@@ -32,7 +32,7 @@ def test_bench_writes_one_row_per_backend_env_and_num_envs(tmp_path):
 
 
 def test_bench_skips_missing_extras_with_a_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "_missing_module", lambda names: names[0] if names else None)
+    monkeypatch.setattr(bench_run, "_missing_module", lambda names: names[0] if names else None)
     code = main(
         [
             "bench",
@@ -99,7 +99,7 @@ def test_bench_refuses_an_unknown_loop_and_two_presets(tmp_path, capsys):
 
 
 def test_bench_skips_the_training_loops_without_torch(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "check_loops", lambda loops: "torch is not installed (pip install torch)")
+    monkeypatch.setattr(bench_run, "check_loops", lambda loops: "torch is not installed (pip install torch)")
     code = main(
         [
             "bench",
