@@ -1,17 +1,21 @@
-"""The trainer's link to a farm broker: where its data socket binds, the DEALER it asks the broker
-on (leases, release), and the heartbeat thread that keeps its leases."""
+"""The trainer's link to a farm broker: where its data socket binds, the client it asks the broker
+through (lease, release), and the heartbeat thread that keeps its leases."""
 
 from __future__ import annotations
 
 import ipaddress
+import multiprocessing
 import secrets
 import socket as sockets
 import threading
+import time
 from typing import Any
 
 import zmq
 
+from envfarm.client.errors import FarmError, rebuild
 from envfarm.protocol import messages as m
+from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
 from envfarm.transport.curve import KeyPair, load_key_pair, load_public_key, secure_client
 
@@ -79,21 +83,79 @@ def _seen_at(
         return None
 
 
-def connect_broker(context: zmq.Context, endpoint: str, curve: tuple[KeyPair, bytes] | None) -> zmq.Socket:
-    """A DEALER to the broker at `endpoint`, with a trainer's identity."""
-    broker = context.socket(zmq.DEALER)
-    broker.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
-    broker.setsockopt(zmq.LINGER, 0)
-    # A send waits at most this long for a connection to the broker (a DEALER with none blocks:
-    # e.g. after a Curve handshake the broker refused). The request is then lost, and the wait for
-    # its reply times out naming the likely cause: never a hang.
-    broker.setsockopt(zmq.SNDTIMEO, 1000)
-    broker.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
-    broker.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-    if curve is not None:
-        secure_client(broker, *curve)
-    broker.connect(endpoint)
-    return broker
+class BrokerClient:
+    """A farm trainer's client of its broker: it asks for leases and gives them back, on a DEALER
+    of its own, while a heartbeat thread tells the broker this trainer is alive."""
+
+    def __init__(self, endpoint: str, curve: tuple[KeyPair, bytes] | None):
+        """`curve`: (this trainer's keys, the broker's public key), or None for plaintext."""
+        self.endpoint = endpoint
+        self.context = zmq.Context()
+        try:
+            self.socket = self.context.socket(zmq.DEALER)
+            self.socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
+            self.socket.setsockopt(zmq.LINGER, 0)
+            # A send waits at most this long for a connection to the broker (a DEALER with none
+            # blocks: e.g. after a Curve handshake the broker refused). The request is then lost,
+            # and the wait for its reply times out naming the likely cause: never a hang.
+            self.socket.setsockopt(zmq.SNDTIMEO, 1000)
+            self.socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a dead broker or half-open TCP is noticed
+            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+            if curve is not None:
+                secure_client(self.socket, *curve)
+            self.socket.connect(endpoint)
+        except BaseException:  # an address that does not parse: free what was made
+            self.context.destroy(linger=0)
+            raise
+        self._heartbeat = BrokerHeartbeat(endpoint, self.socket.getsockopt(zmq.IDENTITY) + m.HEARTBEAT_SUFFIX, curve)
+        self._next_rid = 0
+        self.released = False
+
+    def ask(self, kind: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Sends the broker a request and returns its reply.
+
+        Raises:
+            multiprocessing.TimeoutError: No reply within `timeout` seconds.
+            FarmError: A malformed reply.
+            The error the broker's reply carries (e.g. RuntimeError: not enough free workers).
+        """
+        self._next_rid += 1
+        rid = self._next_rid
+        try:
+            self.socket.send_multipart([b"", *pack(m.make(kind, rid, **fields))], copy=False)
+        except zmq.Again:
+            pass  # no connection to it: the wait below times out, saying why
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1):
+                raise multiprocessing.TimeoutError(f"no reply from the broker within {timeout:g} s")
+            _, *frames = self.socket.recv_multipart(copy=False)
+            try:
+                reply = m.check(unpack([frame.buffer for frame in frames]))
+            except ProtocolError as e:
+                raise FarmError(f"envfarm: the broker at {self.endpoint} sent a malformed message ({e})") from None
+            if reply["rid"] != rid and not (reply["kind"] == m.ERROR and reply["rid"] == 0):
+                continue  # the late reply to a request given up on (rid 0: the broker could not read this one)
+            if reply["kind"] == m.ERROR:
+                raise rebuild(ErrorInfo.from_data(reply["error"]), f"the broker at {self.endpoint}")
+            return reply
+
+    def release(self, timeout: float) -> None:
+        """Gives every lease back: the workers are free for other trainers."""
+        self.ask(m.RELEASE, {}, timeout)
+        self.released = True
+
+    def close(self) -> None:
+        """Stops the heartbeat; gives the leases back, best effort, if `release` was not said."""
+        self._heartbeat.stop()
+        if not self.released:
+            try:
+                self.socket.send_multipart([b"", *pack(m.make(m.RELEASE, self._next_rid + 1))], zmq.NOBLOCK)
+                self.socket.close(linger=500)
+            except zmq.ZMQError:
+                pass
+        self.context.destroy(linger=0)
 
 
 class BrokerHeartbeat(threading.Thread):

@@ -7,6 +7,8 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+from envfarm.client.routes import InlineRoute, Route
+
 
 @dataclass(eq=False)
 class WorkerHandle:
@@ -18,16 +20,13 @@ class WorkerHandle:
     process: Any = None  # multiprocessing.Process for a local worker
     pid: int | None = None
     host: str = ""
+    route: Route | None = None  # how requests reach it (client/routes.py): given by the router, or inline
     shared_memory: bool = False  # reads actions from and writes results into the trainer's batch buffer
-    channel: bool = False  # talks through the trainer's shared-memory channel, not the socket
-    inline: Any = None  # a RequestHandler run in the trainer's own process (inline_worker=True)
     dead: str = ""  # why, once it is known to be gone
-    last_heard: float = 0.0  # a farm worker: when its last message or heartbeat arrived
+    # A farm worker's liveness (client/liveness.py):
+    last_heard: float = 0.0  # when its last message or heartbeat arrived
     connected: bool = False  # it said HELLO on this trainer's socket
-    requests_sent: int = (
-        0  # on the socket, to a farm worker: its probes carry the count, its heartbeats say how many it read
-    )
-    link: int | None = None  # a farm worker: the token of its data connection, from its HELLO
+    connection: int | None = None  # the token of the data connection it said HELLO on
     lost_request: bool = False  # its heartbeat proved a request lost; the verdict is being given
 
     @functools.cached_property
@@ -36,15 +35,18 @@ class WorkerHandle:
         return list(self.env_ids)
 
     @property
+    def inline(self) -> bool:
+        """Its envs are served in the trainer's own process (inline_worker=True)."""
+        return isinstance(self.route, InlineRoute)
+
+    @property
     def remote(self) -> bool:
         """A farm worker: not started by this trainer, so known alive only by what it sends."""
-        return self.process is None and self.inline is None and self.identity != b""
+        return self.process is None and not self.inline
 
     def describe(self) -> str:
-        if not self.env_ids:
-            return f"the {self.host}"
         envs = f"env {self.env_ids[0]}" if len(self.env_ids) == 1 else f"envs {self.env_ids[0]}-{self.env_ids[-1]}"
-        if self.inline is not None:
+        if self.inline:
             return f"worker {self.index} (in the trainer, {envs})"
         pid = f", pid {self.pid}" if self.pid else ""
         return f"worker {self.index} ({self.host or 'local'}{pid}, {envs})"

@@ -26,10 +26,11 @@ import cloudpickle
 from gymnasium import Env, Space, logger
 
 from envfarm.client.batch_buffer import BatchBuffer
-from envfarm.client.broker_link import farm_endpoint
+from envfarm.client.broker_link import BrokerClient, farm_endpoint
 from envfarm.client.errors import WorkerDiedError, rebuild
 from envfarm.client.launch import partition, start_local_workers
 from envfarm.client.router import Router
+from envfarm.client.routes import InlineRoute
 from envfarm.client.worker_handle import WorkerHandle
 from envfarm.protocol import messages as m
 from envfarm.protocol import spaces as space_codec
@@ -74,19 +75,24 @@ class WorkerPool:
         self.broker_endpoint = broker
         self.remote_env = remote_env
         self.on_failure = on_failure
-        self.broker: WorkerHandle | None = None  # the broker's handle on the router, in a farm
+        self.broker: BrokerClient | None = None  # in a farm
         if broker is None:
             self.router = Router(f"ipc://@envfarm-{os.getpid()}-{secrets.token_hex(8)}", trusted=True)
         else:
             bind, advertise = farm_endpoint(broker, listen, curve)
             keys = (load_key_pair(curve[0]), load_public_key(curve[1])) if curve is not None else None
-            self.router = Router(bind, trusted=False, broker=broker, advertise=advertise, curve=keys)
-            self.broker = WorkerHandle(-1, b"", range(0), host="broker")
-            self.router.add(self.broker)
+            self.router = Router(
+                bind, trusted=False, farm=True, advertise=advertise, keys=keys[0] if keys is not None else None
+            )
+            try:
+                self.broker = BrokerClient(broker, keys)
+            except BaseException:
+                self.router.close()
+                raise
         self.workers: list[WorkerHandle] = []  # in env order; a restart replaces an item in place
         self.segments: list[BatchBuffer | TrainerChannels] = []  # the batch buffer first
         self._restarts: collections.deque[float] = collections.deque()
-        self.release = weakref.finalize(self, _release, self.router, self.workers, self.segments)
+        self.release = weakref.finalize(self, _release, self.router, self.broker, self.workers, self.segments)
 
     @property
     def buffer(self) -> BatchBuffer:
@@ -112,12 +118,11 @@ class WorkerPool:
             remote_blocks = blocks[:-1] if inline_worker else blocks
             self.workers.extend(start_local_workers(self.router.endpoint, remote_blocks, context, daemon))
             if inline_worker:
-                self.workers.append(
-                    WorkerHandle(len(remote_blocks), b"", blocks[-1], inline=RequestHandler(trusted=True))
-                )
+                handler = RequestHandler(trusted=True)
+                self.workers.append(WorkerHandle(len(remote_blocks), b"", blocks[-1], route=InlineRoute(handler)))
             for worker in self.workers:
                 self.router.add(worker)
-        self._await_hellos([w for w in self.workers if w.inline is None], timeout)
+        self._await_hellos([w for w in self.workers if not w.inline], timeout)
         created = in_order(
             self.router.ask(m.CREATE, {worker: self._create_fields(worker) for worker in self.workers}, timeout)
         )
@@ -137,24 +142,24 @@ class WorkerPool:
         for worker in self.workers:
             channel = (
                 None
-                if channels is None or worker.inline is not None
+                if channels is None or worker.inline
                 else {**channels.descriptor(worker.index), "spin": WORKER_SPIN_SECONDS}
             )
             requests[worker] = {"obs": buffer.descriptor, "channel": channel}
         for worker, reply in in_order(self.router.ask(m.ATTACH, requests, timeout)):
             attached = reply["kind"] == m.ATTACHED
             worker.shared_memory = attached and reply["obs"]
-            worker.channel = attached and reply["channel"]
+            on_channel = attached and reply["channel"]
+            if on_channel:
+                self.router.use_channel(worker, channels)
             # Only a local worker is expected to share memory; a farm worker on another host is not.
             if worker.process is not None and (
                 (buffer.descriptor is not None and not worker.shared_memory)
-                or (channels is not None and not worker.channel)
+                or (channels is not None and not on_channel)
             ):
                 logger.warn(
                     f"envfarm {worker.describe()} cannot use shared memory ({reply.get('reason') or reply.get('error')}); it uses the socket"
                 )
-        if channels is not None:
-            self.router.use_channels(channels)
 
     def _await_hellos(self, workers: list[WorkerHandle], timeout: float) -> None:
         """Waits for each worker's HELLO (rid 0). A leased farm worker connects within seconds if
@@ -193,14 +198,13 @@ class WorkerPool:
             "add": add,
         }
         try:
-            reply = self.router.ask(m.LEASE, {self.broker: lease}, timeout)[self.broker]
+            reply = self.broker.ask(m.LEASE, lease, timeout)
         except multiprocessing.TimeoutError:
             raise multiprocessing.TimeoutError(
                 f"no reply from the broker at {self.broker_endpoint} within {timeout} s: is it running, and if it uses "
                 "CurveZMQ, is this trainer's public key among its clients (curve=...)?"
             ) from None
-        raise_env_errors([(self.broker, reply)])
-        self.router.dead_after = reply["dead_after"]
+        self.router.liveness.dead_after = reply["dead_after"]
         workers, start = [], first_index
         for identity, slots, host, pid, key in reply["workers"]:
             block = range(start, min(start + slots, first_index + num_envs))
@@ -352,7 +356,7 @@ class WorkerPool:
             for env_id, error in reply.get("errors", []):
                 logger.warn(f"envfarm: env {env_id} raised in close(): {ErrorInfo.from_data(error).message}")
         if self.broker is not None:  # the workers are free for other trainers
-            self.router.ask(m.RELEASE, {self.broker: {}}, timeout)
+            self.broker.release(timeout)
         deadline = time.monotonic() + timeout
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))
@@ -384,7 +388,12 @@ def raise_env_errors(replies: Replies) -> None:
     raise exc
 
 
-def _release(router: Router, workers: list[WorkerHandle], segments: list[BatchBuffer | TrainerChannels]) -> None:
+def _release(
+    router: Router,
+    broker: BrokerClient | None,
+    workers: list[WorkerHandle],
+    segments: list[BatchBuffer | TrainerChannels],
+) -> None:
     """Frees everything a pool holds; runs once, from close(), garbage collection or exit."""
     for worker in workers:
         if worker.process is not None and worker.process.is_alive():
@@ -392,8 +401,10 @@ def _release(router: Router, workers: list[WorkerHandle], segments: list[BatchBu
     for worker in workers:
         if worker.process is not None:
             worker.process.join()
-        elif worker.inline is not None and worker.inline.envs is not None and not worker.inline.closed:
-            worker.inline.respond({"kind": m.CLOSE, "rid": 0})
+        elif worker.inline:
+            worker.route.close()
+    if broker is not None:
+        broker.close()
     router.close()
     for segment in segments:
         segment.close()

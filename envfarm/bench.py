@@ -19,7 +19,6 @@ import dataclasses
 import sys
 
 from envfarm.bench_config import BACKENDS, BenchConfig
-from envfarm.bench_measure import cpu_seconds  # noqa: F401  (envfarm/tune.py imports it from here)
 from envfarm.bench_report import format_table
 from envfarm.bench_run import run_bench
 from envfarm.bench_training import LOOPS

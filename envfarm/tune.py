@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import gymnasium as gym
 
 import envfarm
-from envfarm.bench import cpu_seconds
+from envfarm.bench_measure import cpu_seconds
 from envfarm.transport.cpus import available_cpus
 
 

@@ -262,7 +262,7 @@ def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
             # A listed key speaking under the trainer's identity to the broker: ignored.
             context = zmq.Context()
             impostor = context.socket(zmq.DEALER)
-            impostor.setsockopt(zmq.IDENTITY, envs._router.broker.getsockopt(zmq.IDENTITY))
+            impostor.setsockopt(zmq.IDENTITY, envs._pool.broker.socket.getsockopt(zmq.IDENTITY))
             impostor.setsockopt(zmq.LINGER, 0)
             impostor.curve_publickey, impostor.curve_secretkey = zmq.auth.load_certificate(
                 str(tmp_path / "worker.key_secret")
@@ -679,7 +679,7 @@ def test_a_request_lost_on_the_way_is_not_waited_for(quick_farm):
     try:
         envs.reset(seed=0)
         router, worker = envs._router, envs._workers[0]
-        worker.requests_sent += 1  # as if one more request had been sent, and lost
+        worker.route.sent_on_socket += 1  # as if one more request had been sent, and lost
         rid = router.new_rid()
         start = time.monotonic()
         with pytest.raises(envfarm.WorkerDiedError, match=r"lost a request \(its connection was reset on the way\)"):

@@ -328,7 +328,7 @@ def test_curve_training_goes_on_through_a_broker_restart(keys):
             with running_broker(broker.endpoint, dead_after=2.5, curve=keys.curve) as again:
                 for _ in range(50):
                     envs.step(envs.action_space.sample())
-                identity = envs._router.broker.getsockopt(zmq.IDENTITY)
+                identity = envs._pool.broker.socket.getsockopt(zmq.IDENTITY)
                 assert wait_until(
                     lambda: len(again.workers) == 2 and all(r.lessee == identity for r in again.workers.values()), 15
                 )
