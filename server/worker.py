@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 from envfarm.protocol import messages as m
 from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
-from envfarm.server.requests import RequestHandler
+from envfarm.server.request_handler import RequestHandler
 from envfarm.transport import channel as shm_channel
 from envfarm.transport.curve import KeyPair, secure_client
 from envfarm.transport.sockets import keep_alive
@@ -109,7 +109,7 @@ class Worker:
             None  # (rid, frames, when sent) of the last reply sent on that socket
         )
         self.link = 0
-        self.requests = RequestHandler(trusted=trusted, allow=allow)
+        self.handler = RequestHandler(trusted=trusted, allow=allow)
         self.channel: shm_channel.WorkerEnd | None = None
         self.hello = m.make(m.HELLO, 0, version=m.PROTOCOL_VERSION, pid=os.getpid(), host=socket.gethostname())
 
@@ -139,9 +139,9 @@ class Worker:
 
     def disconnect(self) -> None:
         """Ends the service of a trainer: its envs are closed, and the socket to it."""
-        if self.requests.envs is not None and not self.requests.closed:
-            self.requests.respond(m.make(m.CLOSE, 0))
-        self.requests, self.channel = RequestHandler(trusted=self.trusted, allow=self.allow), None
+        if self.handler.envs is not None and not self.handler.closed:
+            self.handler.respond(m.make(m.CLOSE, 0))
+        self.handler, self.channel = RequestHandler(trusted=self.trusted, allow=self.allow), None
         if self.data is not None:
             self.data.close(linger=1000)
             self.data = None
@@ -166,13 +166,13 @@ class Worker:
         if isinstance(message, ProtocolError):
             self.send(m.make(m.ERROR, 0, error=ErrorInfo.from_exception(message).to_data()))
             return
-        self.send(self.requests.respond(message))
+        self.send(self.handler.respond(message))
         if message.get("kind") == m.CREATE:
             limit_threads()  # building the envs may have loaded a library with a pool of its own
         if message.get("kind") == m.CLOSE:
             self.disconnect()
-        elif self.channel is None and self.requests.channel is not None:
-            self.channel = self.requests.channel  # ATTACHED went on the socket; the rest goes here
+        elif self.channel is None and self.handler.channel is not None:
+            self.channel = self.handler.channel  # ATTACHED went on the socket; the rest goes here
 
     def receive(self) -> dict[str, Any] | ProtocolError | None:
         """The next request from the trainer, or the ProtocolError that decoding it raised. Waits
@@ -198,7 +198,7 @@ class Worker:
 
     def _step_of_record(self, rid: int) -> dict[str, Any] | ProtocolError:
         """The STEP a step record stands for: all this worker's envs, actions in shared memory."""
-        envs = self.requests.envs
+        envs = self.handler.envs
         if envs is None or not envs.in_shared_memory or any(rows is None for rows in envs.action_rows):
             return ProtocolError(
                 "a step record needs the trainer's batch buffer attached, with every action leaf in it"

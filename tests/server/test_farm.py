@@ -206,7 +206,7 @@ def test_workers_are_leased_only_for_the_envs_they_allow():
 
 
 def test_a_worker_refuses_ids_it_does_not_allow_even_if_asked_directly():
-    from envfarm.server.requests import RequestHandler
+    from envfarm.server.request_handler import RequestHandler
 
     handler = RequestHandler(trusted=False, allow=["Pendulum-*"])
     create = {
