@@ -77,6 +77,17 @@ class BatchBuffer:
             if takes_unchanged(shared, leaf):  # else its rows are sent in the messages
                 shared[rows] = leaf
 
+    def action_payload(self, leaves: Sequence[Any], rows: slice | list[int], shares_memory: bool) -> list[Any]:
+        """A worker's rows of each leaf of a batch of actions, as its request carries them: None for a
+        leaf it reads from this buffer instead (it shares memory, and the leaf went in unchanged).
+        Both of FarmVectorEnv's APIs, step_async and send, build their requests with it."""
+        return [
+            None
+            if shares_memory and takes_unchanged(shared, leaf)
+            else (leaf[rows] if isinstance(leaf, np.ndarray) else [leaf[i] for i in _indices(rows, len(leaf))])
+            for leaf, shared in zip(leaves, self.actions)
+        ]
+
     def copy_from(self, other: BatchBuffer) -> None:
         """Takes every array's contents from another buffer of the same spaces and size."""
         for mine, theirs in zip(
@@ -124,3 +135,7 @@ def _values(leaf: spaces.Space, num_envs: int) -> list[Any]:
     space, for which Gymnasium has no empty value, starts as Nones)."""
     empty = create_empty_array(leaf, n=num_envs)
     return [None] * num_envs if empty is None else list(empty)
+
+
+def _indices(rows: slice | list[int], length: int) -> range | list[int]:
+    return range(length)[rows] if isinstance(rows, slice) else rows

@@ -1,12 +1,14 @@
 """How FarmVectorEnv checks what it is given, in Gymnasium's own words where Gymnasium has them:
-its spaces, a batch of actions, a reset mask, and how many workers its arguments ask for."""
+its spaces (and whether shared memory can hold them), a batch of actions, a reset mask, and how
+many workers its arguments ask for (and whether they and torch's threads outnumber the CPUs)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
-from gymnasium import Space, spaces
+from gymnasium import Space, logger, spaces
 from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
@@ -67,6 +69,17 @@ def choose_spaces(
             "In order to batch actions, the action spaces from all environments must be equal."
         )
     return single_observation_space, observation_space, single_action_space, action_space
+
+
+def check_shared_memory(single_observation_space: Space, shared_memory: bool) -> None:
+    """Refuses shared memory for a custom observation space, in AsyncVectorEnv's words: Gymnasium
+    cannot put one in shared memory either."""
+    if shared_memory and any(
+        not isinstance(leaf, STANDARD_LEAVES) for leaf in space_codec.leaves(single_observation_space)
+    ):
+        raise ValueError(
+            "Using `AsyncVector(..., shared_memory=True)` caused an error, you can disable this feature with `shared_memory=False` however this is slower."
+        )
 
 
 def action_leaves(single_action_space: Space, actions: Any, count: int) -> list[Any]:
@@ -134,3 +147,24 @@ def worker_count(
             raise ValueError(f"`max_concurrency` must be a positive or None, got {max_concurrency}.")
         num_workers = min(num_workers, int(max_concurrency))
     return min(num_workers, num_envs)
+
+
+_warned_of_oversubscription = False
+
+
+def warn_of_oversubscription(local_workers: int) -> None:
+    """Warns once when torch's threads in this process and the local workers together outnumber
+    the CPUs: torch's idle threads busy-wait after each forward pass, on the cores the workers
+    step their envs on."""
+    global _warned_of_oversubscription
+    torch = sys.modules.get("torch")
+    if _warned_of_oversubscription or torch is None or local_workers == 0:
+        return
+    threads, cpus = torch.get_num_threads(), available_cpus()
+    if threads > 1 and threads + local_workers > cpus:
+        _warned_of_oversubscription = True
+        logger.warn(
+            f"envfarm: torch uses {threads} threads in this process beside {local_workers} worker processes on {cpus} CPUs; "
+            "they take each other's cores. torch.set_num_threads(1) in the trainer (or fewer workers: num_workers=...) "
+            "usually trains faster."
+        )

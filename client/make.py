@@ -9,6 +9,7 @@ from typing import Any
 import gymnasium as gym
 from gymnasium.envs.registration import EnvSpec
 
+from envfarm.client.farm import Farm, check_on_failure
 from envfarm.client.vector_env import FarmVectorEnv
 
 
@@ -31,6 +32,10 @@ def make_vec(
     *,
     env_kwargs: dict[str, Any] | None = None,
     wrappers: Sequence[Callable[[gym.Env], gym.Wrapper]] | None = None,
+    broker: str | None = None,
+    listen: str | None = None,
+    curve: tuple[str, str] | None = None,
+    on_failure: str = "raise",
     **vector_kwargs: Any,
 ) -> FarmVectorEnv:
     """Creates a FarmVectorEnv of `num_envs` copies of a registered env, like `gymnasium.make_vec`.
@@ -40,6 +45,10 @@ def make_vec(
         num_envs: How many envs.
         env_kwargs: Keyword arguments for each env's constructor (`gymnasium.make(env_id, **env_kwargs)`).
         wrappers: Wrapper constructors applied to each env, in order.
+        broker: A farm broker's endpoint (e.g. "tcp://head:5555"): lease workers there instead of
+            starting local ones; they build `env_id` with `env_kwargs` (they take no code).
+        listen, curve, on_failure: The farm's options, see `envfarm.Farm` (client/farm.py); listen
+            and curve need a broker, and so does on_failure="restart".
         **vector_kwargs: Passed to FarmVectorEnv (shared_memory, copy, context, num_workers, ...).
 
     Raises:
@@ -56,16 +65,22 @@ def make_vec(
     env_kwargs = dict(env_kwargs or {})
     wrappers = list(wrappers or [])
     maker = _EnvMaker(spec, env_kwargs, wrappers)
-    if vector_kwargs.get("broker") is not None:
+    if broker is not None:
         if wrappers:
             raise ValueError("farm workers take no code: wrappers cannot be sent to them; wrap the vector env instead")
-        vector_kwargs["remote_env"] = {"env_id": spec.id, "kwargs": env_kwargs}
-    envs = FarmVectorEnv([maker] * num_envs, **vector_kwargs)
+        farm = Farm(broker, spec.id, env_kwargs, listen=listen, curve=curve, on_failure=on_failure)
+        envs = FarmVectorEnv([maker] * num_envs, farm=farm, **vector_kwargs)
+    else:
+        check_on_failure(on_failure, broker)  # without a broker, listen and curve have nothing to apply to
+        envs = FarmVectorEnv([maker] * num_envs, **vector_kwargs)
 
     vector_spec = copy.deepcopy(spec)
     vector_spec.kwargs = {**spec.kwargs, **env_kwargs, "num_envs": num_envs, "vectorization_mode": "envfarm"}
-    if vector_kwargs:
-        vector_spec.kwargs["vector_kwargs"] = {k: v for k, v in vector_kwargs.items() if k != "remote_env"}
+    # What the caller asked for: the farm's options as given (those not left at their default), not the Farm.
+    farm_options = {"broker": broker, "listen": listen, "curve": curve, "on_failure": on_failure}
+    passed = {k: v for k, v in farm_options.items() if v not in (None, "raise")} | vector_kwargs
+    if passed:
+        vector_spec.kwargs["vector_kwargs"] = passed
     if wrappers:
         vector_spec.kwargs["wrappers"] = wrappers
     envs.spec = vector_spec

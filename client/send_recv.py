@@ -22,13 +22,15 @@ import multiprocessing
 from typing import Any, Sequence
 
 import numpy as np
-from gymnasium.error import AlreadyPendingCallError, ResetNeeded
+from gymnasium import Space
+from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from envfarm.client.checks import action_leaves
 from envfarm.client.errors import FarmError
+from envfarm.client.shared_state import SharedState
 from envfarm.client.worker_handle import WorkerHandle
-from envfarm.client.worker_pool import raise_env_errors
+from envfarm.client.worker_pool import WorkerPool, raise_env_errors
 from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m
 
@@ -45,16 +47,34 @@ class _InfoBatch:
 
 
 class SendRecv:
-    """The send/recv API; mixed into FarmVectorEnv, whose workers, router and buffers it uses."""
+    """The send/recv API over a pool's workers. FarmVectorEnv owns one and its `async_reset`, `send`
+    and `recv` call it once their guards have passed (not closed, not failed, no call pending); the
+    docs of those three are FarmVectorEnv's.
 
-    batch_size: int
+    Each env is IDLE (free to send or reset), RUNNING (sent, in a worker or queued for it) or
+    READY (its result is in, for `recv` to return). `shared` (which envs ended, the failure) is
+    the vector env's, which its other API reads and writes too.
+    """
 
-    def _init_send_recv(self, batch_size: int | None) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        shared: SharedState,
+        single_action_space: Space,
+        autoreset_mode: AutoresetMode,
+        batch_size: int | None,
+    ):
+        self.num_envs = len(shared.ended)
         if batch_size is None:
             batch_size = self.num_envs
         if not 1 <= batch_size <= self.num_envs:
             raise ValueError(f"batch_size must be between 1 and num_envs={self.num_envs}, got {batch_size}")
         self.batch_size = batch_size
+        self._pool, self._router, self._workers = pool, pool.router, pool.workers
+        self._shared = shared
+        self._single_action_space = single_action_space
+        self._autoreset_mode = autoreset_mode
+        self._worker_of_env = np.concatenate([np.full(len(w.env_ids), w.index) for w in pool.workers])
         self._env_status = np.full(self.num_envs, IDLE, np.int8)
         self._ready: collections.deque[int] = collections.deque()
         self._ready_infos: dict[int, dict[str, Any]] = {}
@@ -62,20 +82,15 @@ class SendRecv:
         self._in_flight: dict[WorkerHandle, tuple[int, str, list[int]]] = {}
         self._queued: dict[WorkerHandle, list[tuple[str, dict[str, Any]]]] = collections.defaultdict(list)
 
-    def async_reset(
-        self,
-        seed: int | list[int | None] | None = None,
-        options: dict[str, Any] | None = None,
-        env_ids: Sequence[int] | None = None,
-    ) -> None:
-        """Resets the envs `env_ids` (default: all); their first observations come from `recv`.
+    @property
+    def busy(self) -> bool:
+        """Whether an env was sent or reset and its result not received yet (the other API waits for it)."""
+        return bool(self._env_status.any())  # IDLE is 0
 
-        Args:
-            seed: None, an int (env i gets seed + i, i its index in the vector env) or one per env in `env_ids`.
-            options: Passed to each env's reset.
-            env_ids: Which envs; each must be idle (not sent and not waiting to be received).
-        """
-        self._assert_is_running()
+    def async_reset(
+        self, seed: int | list[int | None] | None, options: dict[str, Any] | None, env_ids: Sequence[int] | None
+    ) -> None:
+        """`FarmVectorEnv.async_reset`, once its guards have passed."""
         ids = self._idle_ids(range(self.num_envs) if env_ids is None else env_ids, "async_reset")
         if seed is None or isinstance(seed, int):
             seeds = [None if seed is None else seed + i for i in ids]
@@ -90,41 +105,26 @@ class SendRecv:
             )
 
     def send(self, actions: Any, env_ids: Sequence[int] | np.ndarray) -> None:
-        """Steps the envs `env_ids` with `actions` (a batch of `len(env_ids)` actions, row j for env_ids[j]).
-
-        Raises:
-            ValueError: If an env is not idle (already sent, or its result not yet received),
-                or the actions do not match the action space.
-            gymnasium.error.ResetNeeded: With autoreset_mode DISABLED, for an env that ended.
-        """
-        self._assert_is_running()
+        """`FarmVectorEnv.send`, once its guards have passed."""
         ids = self._idle_ids(env_ids, "send")
         self._take_replies(0.0)  # results already in come before those of this send (an inline worker's are instant)
-        leaves = action_leaves(self.single_action_space, actions, len(ids))
-        if self.autoreset_mode == AutoresetMode.DISABLED and self._autoreset_envs[ids].any():
-            ended = [i for i in ids if self._autoreset_envs[i]]
+        leaves = action_leaves(self._single_action_space, actions, len(ids))
+        ended = self._shared.ended
+        if self._autoreset_mode == AutoresetMode.DISABLED and ended[ids].any():
             raise ResetNeeded(
-                f"envs {ended} terminated or truncated and autoreset_mode is DISABLED: async_reset them before sending actions"
+                f"envs {[i for i in ids if ended[i]]} terminated or truncated and autoreset_mode is DISABLED: "
+                "async_reset them before sending actions"
             )
         # Shared-memory workers read row i of the batch buffer for env i; the others get their rows sent.
-        self._buffer.write_actions(ids, leaves)
+        buffer = self._pool.buffer
+        buffer.write_actions(ids, leaves)
         row_of = {env_id: row for row, env_id in enumerate(ids)}
         for worker, worker_ids in self._by_worker(ids):
-            actions = self._action_payload(worker, leaves, [row_of[i] for i in worker_ids])
+            actions = buffer.action_payload(leaves, [row_of[i] for i in worker_ids], worker.shared_memory)
             self._submit(worker, m.STEP, {"envs": worker_ids, "actions": actions})
 
-    def recv(self, timeout: float | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        """Returns (obs, rewards, terminated, truncated, info) of the first `batch_size` envs that are ready.
-
-        `info["env_id"]` holds the env index of each row. If an env raised, its exception is
-        raised here (with `failed_envs`); the other ready envs stay ready for the next `recv`,
-        and the failed env is idle again, to be reset with `async_reset(env_ids=[...])`.
-
-        Raises:
-            multiprocessing.TimeoutError: After `timeout` seconds; nothing is lost, recv again.
-            RuntimeError: If fewer than `batch_size` envs are running or ready, so none could come.
-        """
-        self._assert_is_running()
+    def recv(self, timeout: float | None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """`FarmVectorEnv.recv`, once its guards have passed."""
         waiting = len(self._ready) + int((self._env_status == RUNNING).sum())
         if waiting < self.batch_size:
             raise RuntimeError(
@@ -155,24 +155,13 @@ class SendRecv:
         for row, i in enumerate(ids):
             infos = batch._add_info(infos, self._ready_infos.pop(i), row)
         infos["env_id"] = np.asarray(ids, dtype=np.int32)
-        return (
-            self._buffer.rows(ids),
-            self._buffer.rewards[ids],
-            self._buffer.terminations[ids],
-            self._buffer.truncations[ids],
-            infos,
-        )
+        buffer = self._pool.buffer
+        return buffer.rows(ids), buffer.rewards[ids], buffer.terminations[ids], buffer.truncations[ids], infos
 
     # ----------------------------------------------------------------- internals
 
-    def _assert_no_send_recv(self, call: str) -> None:
-        if self._env_status.any():  # IDLE is 0
-            raise AlreadyPendingCallError(
-                f"Calling `{call}` while envs are in flight with send/recv: recv their results first.", "send"
-            )
-
     def _idle_ids(self, env_ids: Sequence[int] | np.ndarray, call: str) -> list[int]:
-        self._assert_no_pending_call(call)
+        """The env ids of a call, checked: distinct, in range and idle."""
         ids = [int(i) for i in np.asarray(env_ids).reshape(-1)]
         if not ids:
             raise ValueError(f"{call}() needs at least one env id")
@@ -202,7 +191,7 @@ class SendRecv:
         try:
             self._router.send(worker, m.make(kind, rid, **fields))
         except FarmError as e:
-            self._failure = e
+            self._shared.failure = e
             raise
         self._in_flight[worker] = (rid, kind, fields["envs"])
 
@@ -216,7 +205,7 @@ class SendRecv:
         except multiprocessing.TimeoutError:
             return False
         except FarmError as e:
-            self._failure = e
+            self._shared.failure = e
             raise
         for worker, reply in sorted(replies.items(), key=lambda item: item[0].index):
             self._on_reply(worker, reply)
@@ -224,24 +213,24 @@ class SendRecv:
 
     def _on_reply(self, worker: WorkerHandle, reply: dict[str, Any]) -> None:
         _, kind, env_ids = self._in_flight.pop(worker)
+        buffer = self._pool.buffer
         if reply["kind"] == m.ERROR:
             errors = [[i, reply["error"]] for i in env_ids]
             reply = {
                 "envs": env_ids,
-                "obs": [None] * len(self._buffer.leaves),
+                "obs": [None] * len(buffer.leaves),
                 "infos": [{}] * len(env_ids),
                 "errors": errors,
             }
         else:
             errors = reply["errors"]
-            self._buffer.write(env_ids, reply["obs"])
-        buffer = self._buffer
+            buffer.write(env_ids, reply["obs"])
         if kind == m.STEP and "rewards" in reply:
             buffer.write_results(env_ids, reply)
         else:
             buffer.rewards[env_ids] = 0.0
             buffer.terminations[env_ids] = buffer.truncations[env_ids] = False
-        self._autoreset_envs[env_ids] = buffer.terminations[env_ids] | buffer.truncations[env_ids]
+        self._shared.ended[env_ids] = buffer.terminations[env_ids] | buffer.truncations[env_ids]
         for i, info in zip(env_ids, info_codec.unbatch(reply["infos"], len(env_ids))):
             self._ready_infos[i] = info
         for i, error in errors:

@@ -14,6 +14,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 _HOMES = {
+    "Farm": "envfarm.client",
     "FarmError": "envfarm.client",
     "FarmVectorEnv": "envfarm.client",
     "RemoteEnvError": "envfarm.client",

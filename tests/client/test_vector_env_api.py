@@ -44,8 +44,24 @@ def test_make_vec_sets_spec_and_repr():
         assert envs.spec.kwargs["render_mode"] == "rgb_array"
         assert repr(envs) == "FarmVectorEnv(CartPole-v1, num_envs=3)"
         assert envs.render_mode == "rgb_array"
+        assert envs.spec.kwargs["vector_kwargs"] == {"num_workers": 1}  # what the caller passed
+        assert envs.farm is None
     finally:
         envs.close()
+
+
+def test_farm_options_are_checked_before_any_worker_starts():
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="on_failure must be 'raise' or 'restart', got 'retry'"):
+        envfarm.Farm("tcp://127.0.0.1:9", "CartPole-v1", on_failure="retry")
+    with pytest.raises(ValueError, match="on_failure must be 'raise' or 'restart', got 'retry'"):
+        envfarm.make_vec("CartPole-v1", 2, on_failure="retry")
+    with pytest.raises(ValueError, match="on_failure='restart' needs a farm"):
+        envfarm.make_vec("CartPole-v1", 2, on_failure="restart")
+    farm = envfarm.Farm("tcp://127.0.0.1:9", "CartPole-v1")  # nothing listens there: nothing is asked of it
+    with pytest.raises(ValueError, match="builds registered envs by id.*without inline_worker"):
+        envfarm.FarmVectorEnv([ScriptedEnv] * 2, inline_worker=True, farm=farm)
+    assert set(multiprocessing.active_children()) == before
 
 
 def test_make_vec_applies_wrappers():
@@ -96,6 +112,10 @@ def test_pending_call_errors_match_gymnasium(envs):
         envs.step_async(np.zeros(4, dtype=np.int64))
     with pytest.raises(AlreadyPendingCallError, match="Calling `call_async` while waiting"):
         envs.call_async("render")
+    with pytest.raises(AlreadyPendingCallError, match="Calling `send` while waiting for a pending call to `reset`"):
+        envs.send(np.zeros(1, dtype=np.int64), [0])
+    with pytest.raises(AlreadyPendingCallError, match="Calling `recv` while waiting for a pending call to `reset`"):
+        envs.recv()
     with pytest.raises(NoAsyncCallError, match="Calling `step_wait` without any prior call to `step_async`."):
         envs.step_wait()
     envs.reset_wait()
@@ -270,13 +290,13 @@ def test_torch_threads_beside_the_workers_are_warned_of_once(monkeypatch):
     import sys
     import types
 
-    import envfarm.client.vector_env as vector_env
+    import envfarm.client.checks as checks
 
     torch = types.ModuleType("torch")
     torch.get_num_threads, torch.set_num_threads = (lambda: 2), (lambda n: None)
     monkeypatch.setitem(sys.modules, "torch", torch)
-    monkeypatch.setattr(vector_env, "_warned_of_oversubscription", False)
-    monkeypatch.setattr(vector_env, "available_cpus", lambda: 2)
+    monkeypatch.setattr(checks, "_warned_of_oversubscription", False)
+    monkeypatch.setattr(checks, "available_cpus", lambda: 2)
     with pytest.warns(
         UserWarning,
         match=r"torch uses 2 threads in this process beside 2 worker processes on 2 CPUs.*torch.set_num_threads\(1\)",
