@@ -45,7 +45,7 @@ from envfarm.protocol import spaces as space_codec
 
 DEFAULT_CLOSE_TIMEOUT = 5.0
 _CALL_RESERVED = ("reset", "step", "close", "set_attr")
-_SEND_RECV_CALLS = ("async_reset", "send", "recv")
+_SEND_RECV_CALLS = ("async_reset", "send", "recv")  # these may start while other envs are in flight
 
 
 class FarmVectorEnv(VectorEnv):
