@@ -1,4 +1,4 @@
-"""The trainer's side: FarmVectorEnv, local worker launch, the embedded broker and shared memory."""
+"""The trainer's side: FarmVectorEnv and make_vec, over workers started here or leased from a farm (a Farm)."""
 
 from envfarm.client.errors import FarmError, RemoteEnvError, WorkerDiedError
 from envfarm.client.farm import Farm

@@ -22,10 +22,10 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import iterate
 
-from envfarm.client.errors import FarmError
+from envfarm.client.errors import FarmError, raise_env_errors
 from envfarm.client.shared_state import SharedState
 from envfarm.client.worker_handle import WorkerHandle
-from envfarm.client.worker_pool import WorkerPool, raise_env_errors
+from envfarm.client.worker_pool import WorkerPool
 from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m
 

@@ -27,10 +27,10 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from envfarm.client.checks import action_leaves
-from envfarm.client.errors import FarmError
+from envfarm.client.errors import FarmError, raise_env_errors
 from envfarm.client.shared_state import SharedState
 from envfarm.client.worker_handle import WorkerHandle
-from envfarm.client.worker_pool import WorkerPool, raise_env_errors
+from envfarm.client.worker_pool import WorkerPool
 from envfarm.protocol import infos as info_codec
 from envfarm.protocol import messages as m
 

@@ -125,7 +125,8 @@ class FarmVectorEnv(VectorEnv):
         self.farm = farm
         if farm is not None and inline_worker:
             raise ValueError(
-                "a farm (broker=...) builds registered envs by id: use envfarm.make_vec(env_id, n, broker=...), without inline_worker"
+                "inline_worker=True serves a block of envs in this process, and a farm's envs all run on its workers: "
+                "pass farm or inline_worker, not both"
             )
 
         # What the reset/step/call API (Lockstep) and send/recv (SendRecv) both read and write.

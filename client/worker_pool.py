@@ -27,7 +27,7 @@ from gymnasium import Env, Space, logger
 
 from envfarm.client.batch_buffer import BatchBuffer
 from envfarm.client.broker_link import BrokerClient, farm_endpoint
-from envfarm.client.errors import WorkerDiedError, rebuild
+from envfarm.client.errors import WorkerDiedError, raise_env_errors
 from envfarm.client.launch import partition, start_local_workers
 from envfarm.client.router import Router
 from envfarm.client.routes import InlineRoute
@@ -365,27 +365,6 @@ class WorkerPool:
 def in_order(replies: dict[WorkerHandle, dict[str, Any]]) -> Replies:
     """Replies sorted by worker, i.e. in env order."""
     return sorted(replies.items(), key=lambda item: item[0].index)
-
-
-def raise_env_errors(replies: Replies) -> None:
-    """Raises the first env's exception (by env index), naming every env that failed."""
-    failures = []
-    for worker, reply in replies:
-        if reply["kind"] == m.ERROR:
-            failures.append(
-                (worker.env_ids.start, list(worker.env_ids), ErrorInfo.from_data(reply["error"]), worker.describe())
-            )
-        for env_id, error in reply.get("errors", []):
-            failures.append((env_id, [env_id], ErrorInfo.from_data(error), f"env {env_id} on {worker.describe()}"))
-    if not failures:
-        return
-    failures.sort(key=lambda failure: failure[0])
-    _, _, info, where = failures[0]
-    exc = rebuild(info, where)
-    if len(failures) > 1:
-        exc.add_note("also failed: " + "; ".join(f"{w}: {i.type}: {i.message}" for _, _, i, w in failures[1:]))
-    exc.failed_envs = sorted({env for _, envs, _, _ in failures for env in envs})
-    raise exc
 
 
 def _release(

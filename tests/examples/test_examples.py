@@ -1,11 +1,12 @@
-"""The PPO examples learn: each runs as a script, exactly as a user would run it, for a short time
-budget, and must reach a mean return that a random policy never does.
+"""The PPO examples learn: each runs as a script, exactly as a user would run it, for a fixed number
+of steps, and must reach a mean return that a random policy never does.
 
 A random CartPole policy averaged 22.2 over 1000 episodes, and no 20 of them in a row averaged more
-than 31. Trained for a fixed number of steps, seeds 1-8
-of examples/ppo.py passed 150 after 20k steps (153 the lowest) and 226 after 30k. On this 2-CPU
-machine, shared with other work, a 15 s budget gave 75k to 100k steps in our runs of this file; the
-budget is 20 s, for busier days. Only learning is asserted, never speed.
+than 31. Trained for a fixed number of steps, seeds 1-8 of examples/ppo.py passed 150 after 20k
+steps (153 the lowest) and 226 after 30k; seed 1 (the default) reaches 325.1 after 30k steps with
+either vector env, the same agent episode for episode. The budget is steps, not seconds: a time
+budget gave a loaded machine fewer steps (and annealed by the clock), and once left a farm run at
+148.8. Only learning is asserted, never speed; the timeout is for a machine many times slower.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ pytest.importorskip("torch")
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 LEARNED = 150.0  # mean return of the last 20 episodes; a random policy's is ~22
-BUDGET = ["--time-budget", "20", "--total-timesteps", "100000", "--torch-threads", "1"]
+BUDGET = ["--total-timesteps", "30000", "--torch-threads", "1"]
 
 
 def run_example(script: str, *args: str) -> dict[str, float]:
     """Runs examples/`script`; returns each run's final mean return, by the name the example gives it."""
     result = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, script), *args], capture_output=True, text=True, timeout=150
+        [sys.executable, os.path.join(EXAMPLES, script), *args], capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     returns = dict(re.findall(r"^(.+?): mean return of the last 20 episodes ([\d.]+)", result.stdout, re.M))
