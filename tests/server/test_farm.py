@@ -1,4 +1,8 @@
-"""A farm on loopback: a broker, worker processes that register with it, and trainers that lease them."""
+"""A farm on loopback: a broker, worker processes that register with it, and trainers that lease them. Leasing, Curve, status and the broker.
+
+Liveness verdicts are in test_farm_liveness.py, the restart policy in test_farm_restart.py;
+the fixtures `farm` and `quick_farm` in conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 
@@ -18,21 +21,13 @@ import pytest
 import zmq
 import zmq.auth
 from compare import assert_same
-from farms import assert_serves, cpu_hogs, running_broker, start_farm, worker_command, workers_of
+from farms import assert_serves, running_broker, start_farm, worker_command, workers_of
 from polling import wait_until
 
 import envfarm
 from envfarm.client.broker_link import query
 from envfarm.protocol import messages as m
 from envfarm.protocol.packing import pack, unpack
-from envfarm.server.broker import Broker
-
-
-@pytest.fixture
-def farm():
-    """Three 4-slot workers."""
-    with start_farm(3, 4) as (broker, _):
-        yield broker
 
 
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "wire"])
@@ -128,59 +123,6 @@ def test_malformed_frames_do_not_hurt_the_broker(farm):
     finally:
         context.term()
     assert_serves(farm.endpoint, 4)
-
-
-@pytest.fixture
-def quick_farm():
-    """Two 2-slot workers, declared lost after 2.5 s of silence; yields (broker, worker processes)."""
-    with start_farm(2, 2, dead_after=2.5) as farm:
-        yield farm
-
-
-@pytest.mark.parametrize(
-    "fault, outcome, within",
-    [
-        (signal.SIGKILL, "lost its connection", 1.0),  # its host closes the connection: a probe finds it gone
-        (signal.SIGSTOP, "was silent for more than 2.5 s", 2.5 + 1.0),  # dead_after, and one look more
-    ],
-    ids=["kill", "freeze"],
-)
-def test_a_lost_worker_is_reported_within_the_deadline(quick_farm, fault, outcome, within):
-    broker, processes = quick_farm
-    envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, shared_memory=False)
-    try:
-        envs.reset(seed=0)
-        victim = next(w for w in envs._workers if w.pid == processes[1].pid)
-        processes[1].send_signal(fault)
-        start = time.monotonic()
-        with pytest.raises(envfarm.WorkerDiedError, match=rf"worker {victim.index} \(.*pid {victim.pid}.*{outcome}"):
-            while True:
-                envs.step(envs.action_space.sample())
-        assert time.monotonic() - start < within
-    finally:
-        envs.close()
-
-
-def test_envs_that_take_longer_than_dead_after_to_build_are_waited_for(quick_farm):
-    from envfarm.bench_envs import SYNTHETIC_ID
-
-    broker, _ = quick_farm  # dead_after 2.5 s; building sends no heartbeats, startup_timeout bounds it
-    assert_serves(broker.endpoint, 2, SYNTHETIC_ID, env_kwargs={"build_seconds": 2.0, "obs_shape": [4]})
-
-
-def test_a_frozen_worker_that_comes_back_registers_again(quick_farm):
-    broker, processes = quick_farm
-    processes[0].send_signal(signal.SIGSTOP)
-    deadline = time.monotonic() + 10
-    while len(broker.workers) > 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(broker.workers) == 1
-    processes[0].send_signal(signal.SIGCONT)
-    deadline = time.monotonic() + 10
-    while len(broker.workers) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(broker.workers) == 2
-    assert_serves(broker.endpoint, 4)
 
 
 def test_workers_are_leased_only_for_the_envs_they_allow():
@@ -282,160 +224,6 @@ def test_curve_admits_listed_keys_and_refuses_the_others(tmp_path):
                 envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, curve=curve, startup_timeout=2)
 
 
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "freeze"])
-def test_restart_policy_rebuilds_lost_envs_on_a_spare_worker(farm, fault):
-    # farm: three 4-slot workers; the trainer leases two, the third is the spare. A killed
-    # worker's connection drops (the next send finds it gone); a frozen one goes silent.
-    envs = envfarm.make_vec("CartPole-v1", 8, broker=farm.endpoint, on_failure="restart", shared_memory=False)
-    try:
-        envs.reset(seed=0)
-        victim = envs._workers[1]
-        os.kill(victim.pid, fault)
-        time.sleep(0.5)
-        restarted = None
-        deadline = time.monotonic() + 20
-        while restarted is None and time.monotonic() < deadline:
-            _, _, _, truncated, info = envs.step(envs.action_space.sample())
-            if "envfarm_restarted" in info:
-                restarted = (truncated, info)
-        assert restarted is not None, "the lost worker's envs were not restarted"
-        truncated, info = restarted
-        assert info["_envfarm_restarted"].tolist() == [False] * 4 + [True] * 4
-        assert truncated[4:].all()
-        assert envs._workers[1].pid != victim.pid
-        # NEXT_STEP: the step after an end is Gymnasium's autoreset step: a reset, reward 0, no end
-        obs, rewards, terminated, truncated, info = envs.step(envs.action_space.sample())
-        assert rewards[4:].tolist() == [0.0] * 4 and not terminated[4:].any() and not truncated[4:].any()
-        rewards = envs.step(envs.action_space.sample())[1]
-        assert rewards[4:].tolist() == [1.0] * 4  # and then it steps as any env
-        for _ in range(20):  # training goes on
-            envs.step(envs.action_space.sample())
-        with pytest.raises(ValueError, match="needs a farm"):
-            envfarm.make_vec("CartPole-v1", 2, on_failure="restart")
-    finally:
-        envs.close()
-
-
-@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "wire"])
-def test_a_restart_under_same_step_gives_every_truncated_env_a_final_obs(farm, shared_memory):
-    # Under SAME_STEP a learner bootstraps from info["final_obs"][i] for every truncated env i;
-    # a restarted env is truncated too, so it must have one (before, a KeyError in the learner).
-    envs = envfarm.make_vec(
-        "CartPole-v1",
-        8,
-        broker=farm.endpoint,
-        on_failure="restart",
-        shared_memory=shared_memory,
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
-    try:
-        envs.reset(seed=0)
-        victim = envs._workers[1]
-        os.kill(victim.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        info: dict = {}
-        while "envfarm_restarted" not in info and time.monotonic() < deadline:
-            obs, _, terminated, truncated, info = envs.step(envs.action_space.sample())
-        assert "envfarm_restarted" in info, "the lost worker's envs were not restarted"
-        ended = np.flatnonzero(terminated | truncated)
-        assert set(range(4, 8)) <= set(ended.tolist())
-        assert info["_final_obs"][ended].all() and info["_final_info"][ended].all()
-        for i in range(4, 8):
-            assert info["final_obs"][i].shape == envs.single_observation_space.shape
-            np.testing.assert_array_equal(info["final_obs"][i], obs[i])  # the new episode's first
-        for _ in range(20):  # training goes on
-            envs.step(envs.action_space.sample())
-    finally:
-        envs.close()
-
-
-def test_a_worker_given_up_for_lost_never_writes_into_its_replacements_rows():
-    # A same-host worker frozen past dead_after is given up for lost and its envs rebuilt on the
-    # spare; when it wakes up it finishes the step it was sent and writes its results into the
-    # segment it mapped. Those rows must not be the replacement's: every observation returned
-    # stays the one its env holds, and the other envs stay step for step equal to SyncVectorEnv.
-    with start_farm(3, 2, dead_after=2.5) as (broker, _):
-        envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, on_failure="restart", copy=False)
-        sync = gym.make_vec("CartPole-v1", 4, vectorization_mode="sync")
-        rng = np.random.default_rng(0)
-
-        def step_both() -> tuple:
-            actions = rng.integers(0, 2, 4)
-            ours, theirs = envs.step(actions), sync.step(actions)
-            assert_same(
-                tuple(part[:2] for part in theirs[:4]), tuple(part[:2] for part in ours[:4])
-            )  # envs 0-1: as Sync
-            return ours
-
-        def assert_obs_are_the_envs_own(obs: np.ndarray) -> None:
-            states = np.array(envs.get_attr("state"), np.float32)
-            np.testing.assert_array_equal(obs, states)
-
-        try:
-            assert all(worker.shared_memory for worker in envs._workers)
-            assert_same(
-                tuple(part[:2] for part in sync.reset(seed=0)[:1]), tuple(part[:2] for part in envs.reset(seed=0)[:1])
-            )
-            for _ in range(5):
-                step_both()
-            victim = envs._workers[1]
-            os.kill(victim.pid, signal.SIGSTOP)
-            try:
-                obs, _, _, truncated, info = step_both()  # waits dead_after, then restarts envs 2-3 on the spare
-                assert truncated[2:].all() and info["_envfarm_restarted"].tolist() == [False, False, True, True]
-                assert envs._workers[1].pid != victim.pid
-                kept = obs.copy()
-            finally:
-                os.kill(victim.pid, signal.SIGCONT)  # it wakes up and finishes the step it was sent
-            time.sleep(1.5)
-            np.testing.assert_array_equal(obs, kept)  # a view of the batch buffer (copy=False): untouched
-            assert_obs_are_the_envs_own(obs)
-            for _ in range(10):
-                obs = step_both()[0]
-                assert_obs_are_the_envs_own(obs)
-        finally:
-            envs.close()
-            sync.close()
-
-
-def test_restart_without_capacity_is_a_clear_error(quick_farm):
-    broker, processes = quick_farm  # two 2-slot workers, both leased below
-    envs = envfarm.make_vec("CartPole-v1", 4, broker=broker.endpoint, on_failure="restart", shared_memory=False)
-    try:
-        envs.reset(seed=0)
-        processes[0].kill()
-        time.sleep(0.5)  # its connection is gone: the next send finds out
-        with pytest.raises(
-            envfarm.WorkerDiedError,
-            match=r"no capacity left to restart it: the farm has no free worker with 2 slots for 'CartPole-v1' \(free: \[\]\)",
-        ):
-            for _ in range(1000):
-                envs.step(envs.action_space.sample())
-    finally:
-        envs.close()
-
-
-def test_a_vanished_trainer_loses_its_lease(quick_farm):
-    broker, _ = quick_farm
-    code = (
-        "import envfarm, sys; envs = envfarm.make_vec('CartPole-v1', 4, broker=sys.argv[1]); envs.reset(seed=0);"
-        "print('leased', flush=True); import time; time.sleep(60)"
-    )
-    trainer = subprocess.Popen([sys.executable, "-c", code, broker.endpoint], stdout=subprocess.PIPE, text=True)
-    try:
-        assert trainer.stdout.readline().strip() == "leased"
-        assert all(record.lessee is not None for record in broker.workers.values())
-        time.sleep(3)  # a live trainer keeps its lease while its thread sleeps: it sends heartbeats
-        assert all(record.lessee is not None for record in broker.workers.values())
-        trainer.kill()
-        trainer.wait(10)
-        assert wait_until(lambda: all(r.lessee is None for r in broker.workers.values()), 2.5 + 3)
-        assert_serves(broker.endpoint, 4)  # the whole farm is free again
-    finally:
-        trainer.kill()
-        trainer.wait(10)
-
-
 def test_status_shows_workers_slots_and_leases(farm):
     envs = envfarm.make_vec("CartPole-v1", 4, broker=farm.endpoint)
     try:
@@ -511,61 +299,6 @@ def test_an_oversized_frame_is_refused_and_the_broker_goes_on(farm):
         peer.close()
         context.term()
     assert_serves(farm.endpoint, 4)
-
-
-def test_a_multi_process_worker_replaces_a_dead_process_and_reports_its_health(tmp_path):
-    alive = tmp_path / "alive"
-    with running_broker(dead_after=2.5) as broker:
-        command = worker_command(broker.endpoint, 2, "--processes", "2", "--alive-file", str(alive))
-        host = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-        try:
-            assert wait_until(lambda: len(broker.workers) == 2, 30), "the two worker processes did not register"
-            healthy = subprocess.run([sys.executable, "-m", "envfarm", "alive", str(alive)], timeout=30)
-            assert healthy.returncode == 0
-            first = {record.pid for record in broker.workers.values()}
-            os.kill(min(first), signal.SIGKILL)  # an env crashed its process
-            assert wait_until(
-                lambda: len({r.pid for r in broker.workers.values()} - first) == 1 and len(broker.workers) == 2, 20
-            )
-            assert_serves(broker.endpoint, 4)  # both serve
-        finally:
-            host.terminate()  # `docker stop`: the children go with it
-            host.wait(10)
-        assert "exited with code -9; starting another" in host.stderr.read()
-        children = {record.pid for record in broker.workers.values()}
-        assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10), (
-            "a worker process outlived its parent"
-        )
-        time.sleep(1)
-        stale = subprocess.run([sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "0.5"], timeout=30)
-        assert stale.returncode == 1
-
-
-def test_a_worker_in_a_long_step_stays_healthy(tmp_path):
-    # The container health check (`envfarm alive FILE --within 10`) must not call a worker dead
-    # for one env step longer than its window: the kubelet would restart a healthy worker.
-    from envfarm.bench_envs import SYNTHETIC_ID
-
-    alive = tmp_path / "alive"
-    with start_farm(1, 2, "--alive-file", str(alive), dead_after=2.5) as (broker, _):
-        envs = envfarm.make_vec(
-            SYNTHETIC_ID,
-            2,
-            broker=broker.endpoint,
-            shared_memory=False,
-            env_kwargs={"step_cost_us": 2_000_000, "obs_shape": [4]},
-        )
-        try:
-            envs.reset(seed=0)
-            envs.step_async(envs.action_space.sample())  # 4 s: two envs of 2 s each
-            time.sleep(3.0)
-            healthy = subprocess.run(
-                [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "2"], timeout=30
-            )
-            assert healthy.returncode == 0, "a worker in a long step was reported unhealthy"
-            envs.step_wait(timeout=30)
-        finally:
-            envs.close()
 
 
 def test_a_peer_that_connects_again_under_its_identity_is_heard_at_once(farm):
@@ -668,151 +401,6 @@ def test_envfarm_run_on_a_farm(farm):
     assert (
         summary["num_workers"] == 2 and summary["steps"] >= 2000 and summary["episodes"] > 0
     )  # two 4-slot farm workers
-
-
-def test_a_request_lost_on_the_way_is_not_waited_for(quick_farm):
-    # The network resetting a connection loses what was in flight. The trainer's probe travels
-    # behind the requests on the same connection; the worker's heartbeat says it read the probe but
-    # not the request: proof that it was lost, found without waiting for dead_after.
-    broker, _ = quick_farm
-    envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, shared_memory=False)
-    try:
-        envs.reset(seed=0)
-        router, worker = envs._router, envs._workers[0]
-        worker.route.sent_on_socket += 1  # as if one more request had been sent, and lost
-        rid = router.new_rid()
-        start = time.monotonic()
-        with pytest.raises(envfarm.WorkerDiedError, match=r"lost a request \(its connection was reset on the way\)"):
-            router.gather(rid, [worker], None)  # no timeout: only the probe and heartbeats can end this wait
-        assert time.monotonic() - start < 0.25 + 1.0 + 1.0  # a probe, the next heartbeat, slack for a loaded host
-    finally:
-        envs.close()
-
-
-def test_a_reply_lost_on_the_way_back_is_sent_again(quick_farm):
-    # A reset can lose a reply too. The worker read the request and answered, so nothing proves a
-    # loss and it heartbeats on: the trainer's probe names the reply it awaits, and the worker sends
-    # it again. Played here by a trainer that drops the first step reply it receives.
-    broker, _ = quick_farm
-    envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, shared_memory=False)
-    sync = gym.make_vec("CartPole-v1", 2, vectorization_mode="sync")
-    try:
-        assert_same(sync.reset(seed=3), envs.reset(seed=3))
-        router, accept, dropped = envs._router, envs._router._accept, []
-
-        def lossy(worker, message, pending, replies):
-            if message.get("kind") == m.RESULT and not dropped:
-                dropped.append(message["rid"])
-                return
-            accept(worker, message, pending, replies)
-
-        router._accept = lossy
-        actions = np.array([0, 1])
-        start = time.monotonic()
-        envs.step_async(actions)
-        result = envs.step_wait(timeout=30)  # without the second sending, only this timeout would end it
-        assert dropped and time.monotonic() - start < 2 * m.HEARTBEAT_INTERVAL + 2.0
-        assert_same(sync.step(actions), result)
-    finally:
-        envs.close()
-        sync.close()
-
-
-def test_a_step_longer_than_dead_after_is_not_taken_for_silence(quick_farm):
-    from envfarm.bench_envs import SYNTHETIC_ID
-
-    broker, _ = quick_farm  # dead_after 2.5 s; each step takes 3.5 s, the trainer pausing between steps
-    envs = envfarm.make_vec(
-        SYNTHETIC_ID,
-        2,
-        broker=broker.endpoint,
-        shared_memory=False,
-        env_kwargs={"step_cost_us": 3_500_000, "obs_shape": [4]},
-    )
-    try:
-        envs.reset(seed=0)
-        for _ in range(2):
-            time.sleep(1.2)  # heartbeats queue up while the trainer is away
-            envs.step(envs.action_space.sample())
-    finally:
-        envs.close()
-
-
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["wire", "shm"])
-def test_no_false_verdict_under_cpu_oversubscription(shared_memory):
-    # A trainer pausing 1-50 ms between steps (a policy), with default liveness settings and two
-    # busy processes per CPU beside the farm: every verdict must be true, so there must be none.
-    with start_farm(2, 4) as (broker, _), cpu_hogs(2):
-        envs = envfarm.make_vec(
-            "CartPole-v1", 8, broker=broker.endpoint, shared_memory=shared_memory, on_failure="raise"
-        )
-        try:
-            envs.reset(seed=0)
-            pauses = np.random.default_rng(0).choice([0.001, 0.005, 0.01, 0.05], 10_000)
-            end, steps = time.monotonic() + 20, 0
-            while time.monotonic() < end:
-                envs.step(envs.action_space.sample())
-                time.sleep(pauses[steps])
-                steps += 1
-            assert steps > 50
-        finally:
-            envs.close()
-
-
-def test_an_idle_worker_out_of_the_brokers_reach_says_so_and_is_unhealthy_until_it_is_back(tmp_path):
-    alive = tmp_path / "alive"
-    broker = Broker("tcp://127.0.0.1:0")
-    port = broker.endpoint.rsplit(":", 1)[1]
-    thread = threading.Thread(target=broker.serve, daemon=True)
-    thread.start()
-    command = worker_command(broker.endpoint, 2, "--alive-file", str(alive), "--broker-grace", "1")
-    host = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    check = [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "1.5"]
-    try:
-        assert wait_until(lambda: len(broker.workers) == 1, 30), "the worker did not register"
-        assert subprocess.run(check, timeout=30).returncode == 0
-        broker.stop()
-        thread.join(5)
-        assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 1, 15), (
-            "a worker that cannot reach its broker stayed healthy"
-        )
-        broker = Broker(f"tcp://127.0.0.1:{port}")  # the broker comes back where it was
-        thread = threading.Thread(target=broker.serve, daemon=True)
-        thread.start()
-        assert wait_until(lambda: len(broker.workers) == 1, 30), "the worker did not register again"
-        assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 0, 15), (
-            "the worker stayed unhealthy with its broker back"
-        )
-    finally:
-        host.terminate()
-        host.wait(10)
-        broker.stop()
-        thread.join(5)
-    log = host.stderr.read()
-    assert "lost; reconnecting" in log and "out of reach for 1 s" in log and "reached" in log
-
-
-def test_each_process_of_a_worker_has_its_own_alive_file_so_one_stuck_process_is_seen(tmp_path):
-    alive = tmp_path / "alive"
-    with running_broker() as broker:
-        command = worker_command(broker.endpoint, 2, "--processes", "2", "--alive-file", str(alive))
-        host = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-        check = [sys.executable, "-m", "envfarm", "alive", str(alive), "--within", "3"]
-        try:
-            assert wait_until(lambda: len(broker.workers) == 2, 30), "the two worker processes did not register"
-            assert sorted(p.name for p in tmp_path.iterdir()) == ["alive.0", "alive.1"]
-            assert subprocess.run(check, timeout=30).returncode == 0
-            stuck = min(record.pid for record in broker.workers.values())
-            os.kill(stuck, signal.SIGSTOP)  # stuck: alive to the kernel, serving nobody
-            try:
-                assert wait_until(lambda: subprocess.run(check, timeout=30).returncode == 1, 15), (
-                    "one stuck process was hidden by the other"
-                )
-            finally:
-                os.kill(stuck, signal.SIGCONT)
-        finally:
-            host.terminate()
-            host.wait(10)
 
 
 def test_the_brokers_prometheus_metrics_count_workers_leases_steps_restarts_and_losses():
