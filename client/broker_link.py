@@ -9,7 +9,7 @@ import secrets
 import socket as sockets
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -19,6 +19,10 @@ from envfarm.protocol.errors import ErrorInfo, ProtocolError
 from envfarm.protocol.packing import pack, unpack
 from envfarm.transport.curve import KeyPair, load_key_pair, load_public_key, secure_client
 
+# The largest frame taken from a broker, far above its largest reply (a STATUS listing its
+# MAX_WORKERS workers): a larger one drops the connection (libzmq) instead of filling memory.
+MAX_BROKER_REPLY_BYTES = 64 << 20
+
 
 def query(broker: str, curve: tuple[str, str] | None = None, timeout: float = 5.0) -> dict[str, Any]:
     """The broker's STATUS reply; TimeoutError if it does not answer in `timeout` seconds."""
@@ -26,6 +30,7 @@ def query(broker: str, curve: tuple[str, str] | None = None, timeout: float = 5.
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
     socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_BROKER_REPLY_BYTES)
     if curve is not None:
         secure_client(socket, load_key_pair(curve[0]), load_public_key(curve[1]))
     socket.connect(broker)
@@ -83,6 +88,16 @@ def _seen_at(
         return None
 
 
+class LeasedWorker(NamedTuple):
+    """A worker as a broker's lease describes it."""
+
+    identity: bytes
+    slots: int
+    host: str
+    pid: int | None
+    key: str | None  # its Curve public key (z85), with Curve on
+
+
 class BrokerClient:
     """A farm trainer's client of its broker: it asks for leases and gives them back, on a DEALER
     of its own, while a heartbeat thread tells the broker this trainer is alive."""
@@ -95,6 +110,7 @@ class BrokerClient:
             self.socket = self.context.socket(zmq.DEALER)
             self.socket.setsockopt(zmq.IDENTITY, m.TRAINER_PREFIX + secrets.token_bytes(15))
             self.socket.setsockopt(zmq.LINGER, 0)
+            self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_BROKER_REPLY_BYTES)
             # A send waits at most this long for a connection to the broker (a DEALER with none
             # blocks: e.g. after a Curve handshake the broker refused). The request is then lost,
             # and the wait for its reply times out naming the likely cause: never a hang.
@@ -140,6 +156,43 @@ class BrokerClient:
             if reply["kind"] == m.ERROR:
                 raise rebuild(ErrorInfo.from_data(reply["error"]), f"the broker at {self.endpoint}")
             return reply
+
+    def lease(self, fields: dict[str, Any], timeout: float) -> tuple[list[LeasedWorker], float]:
+        """Leases workers for `fields["envs"]` envs (LEASE's fields); returns them, in the order their
+        blocks of envs follow one another, and the broker's dead_after.
+
+        Raises what `ask` raises, and FarmError for a lease that does not add up (a worker
+        described wrongly, no slot, or fewer slots than envs): a broker bug or an impostor, named.
+        """
+        reply = self.ask(m.LEASE, fields, timeout)
+        workers, dead_after = reply["workers"], reply["dead_after"]
+
+        def malformed(why: str) -> FarmError:
+            return FarmError(f"envfarm: the broker at {self.endpoint} sent a lease that does not add up: {why}")
+
+        if not 0 < dead_after < float("inf"):
+            raise malformed(f"dead_after {m.describe(dead_after)}")
+        leased = []
+        for entry in workers:
+            if not isinstance(entry, list) or len(entry) != 5:
+                raise malformed(f"a worker entry {m.describe(entry)}, not [identity, slots, host, pid, key]")
+            worker = LeasedWorker(*entry)
+            if not (
+                isinstance(worker.identity, bytes)
+                and worker.identity.startswith(m.WORKER_PREFIX)
+                and type(worker.slots) is int
+                and worker.slots >= 1
+                and isinstance(worker.host, str)
+                and (worker.pid is None or type(worker.pid) is int)
+                and (worker.key is None or isinstance(worker.key, str))
+            ):
+                raise malformed(f"a worker entry {[m.describe(value) for value in entry]}")
+            if sum(w.slots for w in leased) >= fields["envs"]:
+                raise malformed(f"more workers than {fields['envs']} envs need (one would have none)")
+            leased.append(worker)
+        if sum(worker.slots for worker in leased) < fields["envs"]:
+            raise malformed(f"{sum(w.slots for w in leased)} slots for {fields['envs']} envs")
+        return leased, dead_after
 
     def release(self, timeout: float) -> None:
         """Gives every lease back: the workers are free for other trainers."""

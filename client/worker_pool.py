@@ -198,15 +198,16 @@ class WorkerPool:
             "add": add,
         }
         try:
-            reply = self.broker.ask(m.LEASE, lease, timeout)
+            leased, dead_after = self.broker.lease(lease, timeout)
         except multiprocessing.TimeoutError:
             raise multiprocessing.TimeoutError(
                 f"no reply from the broker at {self.broker_endpoint} within {timeout} s: is it running, and if it uses "
                 "CurveZMQ, is this trainer's public key among its clients (curve=...)?"
             ) from None
-        self.router.liveness.dead_after = reply["dead_after"]
+        self.router.liveness.dead_after = dead_after
         workers, start = [], first_index
-        for identity, slots, host, pid, key in reply["workers"]:
+        for leased_worker in leased:
+            identity, slots, host, pid, key = leased_worker
             block = range(start, min(start + slots, first_index + num_envs))
             if key is not None:
                 self.router.admit(key)
