@@ -22,6 +22,7 @@ from envfarm.transport.curve import KeyPair, load_key_pair, load_public_key, sec
 # The largest frame taken from a broker, far above its largest reply (a STATUS listing its
 # MAX_WORKERS workers): a larger one drops the connection (libzmq) instead of filling memory.
 MAX_BROKER_REPLY_BYTES = 64 << 20
+_LAST_LOOK = 64  # messages read after a request's deadline, at most, looking for its reply
 
 
 def query(broker: str, curve: tuple[str, str] | None = None, timeout: float = 5.0) -> dict[str, Any]:
@@ -141,10 +142,12 @@ class BrokerClient:
             self.socket.send_multipart([b"", *pack(m.make(kind, rid, **fields))], copy=False)
         except zmq.Again:
             pass  # no connection to it: the wait below times out, saying why
-        deadline = time.monotonic() + timeout
+        deadline, last_look = time.monotonic() + timeout, _LAST_LOOK
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1):
+            if remaining <= 0:  # a last look at what is queued already: a bounded one, the peer may flood
+                last_look -= 1
+            if last_look < 0 or not self.socket.poll(max(0, int(remaining * 1000) + 1)):
                 raise multiprocessing.TimeoutError(f"no reply from the broker within {timeout:g} s")
             _, *frames = self.socket.recv_multipart(copy=False)
             try:
@@ -165,11 +168,13 @@ class BrokerClient:
         described wrongly, no slot, or fewer slots than envs): a broker bug or an impostor, named.
         """
         reply = self.ask(m.LEASE, fields, timeout)
-        workers, dead_after = reply["workers"], reply["dead_after"]
 
         def malformed(why: str) -> FarmError:
             return FarmError(f"envfarm: the broker at {self.endpoint} sent a lease that does not add up: {why}")
 
+        if reply["kind"] != m.LEASED:
+            raise malformed(f"a {m.describe(reply['kind'])} message, not {m.LEASED!r}")
+        workers, dead_after = reply["workers"], reply["dead_after"]
         if not 0 < dead_after < float("inf"):
             raise malformed(f"dead_after {m.describe(dead_after)}")
         leased = []
@@ -195,8 +200,18 @@ class BrokerClient:
         return leased, dead_after
 
     def release(self, timeout: float) -> None:
-        """Gives every lease back: the workers are free for other trainers."""
-        self.ask(m.RELEASE, {}, timeout)
+        """Gives every lease back: the workers are free for other trainers.
+
+        Raises:
+            multiprocessing.TimeoutError: No reply within `timeout` seconds.
+            FarmError: The broker did not release them (it says why).
+        """
+        try:
+            self.ask(m.RELEASE, {}, timeout)
+        except (multiprocessing.TimeoutError, FarmError):
+            raise
+        except Exception as e:  # the broker's ERROR, rebuilt: whatever its class, the leases stand
+            raise FarmError(f"envfarm: the broker at {self.endpoint} did not release this trainer's leases: {e}") from e
         self.released = True
 
     def close(self) -> None:

@@ -75,9 +75,9 @@ class FarmLiveness:
         return ""
 
     @staticmethod
-    def heard_since(worker: WorkerHandle, moment: float) -> bool:
-        """Whether anything came from `worker` after `moment` (less LOOK_EVERY): a verdict given
-        before is void."""
+    def heard_lately(worker: WorkerHandle, moment: float) -> bool:
+        """Whether anything came from `worker` within LOOK_EVERY of `moment`, or after it: a
+        verdict reached at `moment` is then void."""
         return moment - worker.last_heard <= LOOK_EVERY
 
     def heartbeat(self, worker: WorkerHandle, frame: bytes) -> str:

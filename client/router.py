@@ -265,7 +265,7 @@ class Router:
             verdict = self.liveness.verdict(worker, pending[worker])
             if verdict:
                 self._last_look(pending, replies)
-                if worker in pending and not self.liveness.heard_since(worker, now):
+                if worker in pending and not self.liveness.heard_lately(worker, now):
                     worker.dead = verdict
                     raise self._died(worker)
 

@@ -27,7 +27,7 @@ from gymnasium import Env, Space, logger
 
 from envfarm.client.batch_buffer import BatchBuffer
 from envfarm.client.broker_link import BrokerClient, farm_endpoint
-from envfarm.client.errors import WorkerDiedError, raise_env_errors
+from envfarm.client.errors import FarmError, WorkerDiedError, raise_env_errors
 from envfarm.client.launch import partition, start_local_workers
 from envfarm.client.router import Router
 from envfarm.client.routes import InlineRoute
@@ -319,7 +319,9 @@ class WorkerPool:
         self._restarts.append(now)
         try:
             [worker] = self._lease(len(lost.env_ids), DEFAULT_STARTUP_TIMEOUT, first_index=lost.env_ids.start, add=True)
-        except RuntimeError as e:
+        except (FarmError, multiprocessing.TimeoutError) as e:  # a lease that does not add up, no reply
+            raise WorkerDiedError(f"envfarm {lost.describe()} {lost.dead}; restarting it failed: {e}", lost) from None
+        except RuntimeError as e:  # the broker's answer: no free worker has the slots
             raise WorkerDiedError(
                 f"envfarm {lost.describe()} {lost.dead}; no capacity left to restart it: {e}", lost
             ) from None

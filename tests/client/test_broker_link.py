@@ -14,6 +14,7 @@ from envfarm.client import broker_link
 from envfarm.client.broker_link import BrokerClient
 from envfarm.client.errors import FarmError
 from envfarm.protocol import messages as m
+from envfarm.protocol.errors import ErrorInfo
 from envfarm.protocol.packing import pack, unpack
 
 WORKER = m.WORKER_PREFIX + b"\x01" * 15
@@ -26,9 +27,9 @@ def context():
     context.destroy(linger=0)
 
 
-def answering_broker(context: zmq.Context, answer: dict | bytes) -> tuple[str, threading.Thread]:
+def answering_broker(context: zmq.Context, answer: dict | bytes, kind: str = m.LEASED) -> tuple[str, threading.Thread]:
     """A ROUTER that answers the first request it gets with `answer` (its fields, under the
-    request's rid and kind LEASED; or raw bytes), from a thread of its own."""
+    request's rid and `kind`; or raw bytes), from a thread of its own."""
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
     port = socket.bind_to_random_port("tcp://127.0.0.1")
@@ -37,7 +38,7 @@ def answering_broker(context: zmq.Context, answer: dict | bytes) -> tuple[str, t
         try:
             if socket.poll(10_000):
                 peer, _, *frames = socket.recv_multipart()
-                reply = answer if isinstance(answer, bytes) else pack(m.make(m.LEASED, unpack(frames)["rid"], **answer))
+                reply = answer if isinstance(answer, bytes) else pack(m.make(kind, unpack(frames)["rid"], **answer))
                 socket.send_multipart([peer, b"", *([reply] if isinstance(reply, bytes) else reply)])
                 time.sleep(0.5)  # lets the reply leave before the socket closes
         finally:
@@ -78,6 +79,31 @@ def test_a_lease_that_does_not_add_up_is_refused_naming_the_broker(context, work
     try:
         with pytest.raises(FarmError, match=f"the broker at {endpoint} sent a lease that does not add up: .*{why}"):
             broker.lease(LEASE, 10)
+    finally:
+        broker.close()
+        thread.join()
+
+
+def test_a_reply_of_another_kind_is_no_lease(context):
+    endpoint, thread = answering_broker(context, {}, kind=m.RELEASE)
+    broker = BrokerClient(endpoint, None)
+    try:
+        with pytest.raises(FarmError, match="does not add up: a 'release' message, not 'leased'"):
+            broker.lease(LEASE, 10)
+    finally:
+        broker.close()
+        thread.join()
+
+
+def test_a_release_the_broker_refuses_is_a_farm_error(context):
+    # close() turns a FarmError into a warning and frees everything; another class would escape it.
+    error = ErrorInfo.from_exception(PermissionError("this key may not send release")).to_data()
+    endpoint, thread = answering_broker(context, {"error": error}, kind=m.ERROR)
+    broker = BrokerClient(endpoint, None)
+    try:
+        with pytest.raises(FarmError, match="did not release this trainer's leases: this key may not send release"):
+            broker.release(10)
+        assert not broker.released
     finally:
         broker.close()
         thread.join()
