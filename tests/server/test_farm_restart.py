@@ -3,6 +3,7 @@ reported as Gymnasium reports an end, and the lost worker never writes into its 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -142,6 +143,29 @@ def test_restart_without_capacity_is_a_clear_error(quick_farm):
         with pytest.raises(
             envfarm.WorkerDiedError,
             match=r"no capacity left to restart it: the farm has no free worker with 2 slots for 'CartPole-v1' \(free: \[\]\)",
+        ):
+            for _ in range(1000):
+                envs.step(envs.action_space.sample())
+    finally:
+        envs.close()
+
+
+def test_a_restart_the_broker_does_not_answer_is_a_clear_error(quick_farm, monkeypatch):
+    # The broker gone quiet while a worker is lost: the restart fails saying so, as a lost worker,
+    # not as a timeout of the step the user did not give one.
+    broker, processes = quick_farm  # two 2-slot workers: one leased below, one spare
+    envs = envfarm.make_vec("CartPole-v1", 2, broker=broker.endpoint, on_failure="restart", shared_memory=False)
+    try:
+        envs.reset(seed=0)
+
+        def silent_broker(fields, timeout):
+            raise multiprocessing.TimeoutError(f"no reply from the broker within {timeout:g} s")
+
+        monkeypatch.setattr(envs._pool.broker, "lease", silent_broker)
+        [leased] = [process for process in processes if process.pid == envs._workers[0].pid]
+        leased.kill()
+        with pytest.raises(
+            envfarm.WorkerDiedError, match=r"restarting it failed: no reply from the broker at .* within"
         ):
             for _ in range(1000):
                 envs.step(envs.action_space.sample())
