@@ -206,8 +206,7 @@ class WorkerPool:
             ) from None
         self.router.liveness.dead_after = dead_after
         workers, start = [], first_index
-        for leased_worker in leased:
-            identity, slots, host, pid, key = leased_worker
+        for identity, slots, host, pid, key in leased:
             block = range(start, min(start + slots, first_index + num_envs))
             if key is not None:
                 self.router.admit(key)
