@@ -47,12 +47,13 @@ def make_vec(
         wrappers: Wrapper constructors applied to each env, in order.
         broker: A farm broker's endpoint (e.g. "tcp://head:5555"): lease workers there instead of
             starting local ones; they build `env_id` with `env_kwargs` (they take no code).
-        listen, curve, on_failure: The farm's options, see `envfarm.Farm` (client/farm.py); listen
-            and curve need a broker, and so does on_failure="restart".
+        listen, curve, on_failure: The farm's options, see `envfarm.Farm` (client/farm.py); listen,
+            curve and on_failure="restart" need a broker (ValueError without one).
         **vector_kwargs: Passed to FarmVectorEnv (shared_memory, copy, context, num_workers, ...).
 
     Raises:
         gymnasium.error.Error: If `env_id` is not registered (raised here, before any worker starts).
+        ValueError: If a farm option is given without a broker, or wrappers with one.
     """
     if isinstance(env_id, EnvSpec):
         spec = env_id
@@ -71,7 +72,14 @@ def make_vec(
         farm = Farm(broker, spec.id, env_kwargs, listen=listen, curve=curve, on_failure=on_failure)
         envs = FarmVectorEnv([maker] * num_envs, farm=farm, **vector_kwargs)
     else:
-        check_on_failure(on_failure, broker)  # without a broker, listen and curve have nothing to apply to
+        check_on_failure(on_failure, broker)
+        # Silently dropped, curve would leave a user believing their links encrypted.
+        given = [name for name, value in (("listen", listen), ("curve", curve)) if value is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} a farm (broker=...): "
+                "without a broker the workers are local processes on this host"
+            )
         envs = FarmVectorEnv([maker] * num_envs, **vector_kwargs)
 
     vector_spec = copy.deepcopy(spec)

@@ -58,6 +58,13 @@ def test_farm_options_are_checked_before_any_worker_starts():
         envfarm.make_vec("CartPole-v1", 2, on_failure="retry")
     with pytest.raises(ValueError, match="on_failure='restart' needs a farm"):
         envfarm.make_vec("CartPole-v1", 2, on_failure="restart")
+    # Without a broker the workers are local: a farm's address or keys would be silently unused.
+    with pytest.raises(
+        ValueError, match=r"^curve needs a farm \(broker=\.\.\.\): without a broker the workers are local"
+    ):
+        envfarm.make_vec("CartPole-v1", 2, curve=("trainer.key_secret", "broker.key"))
+    with pytest.raises(ValueError, match=r"^listen and curve need a farm \(broker=\.\.\.\)"):
+        envfarm.make_vec("CartPole-v1", 2, listen="0.0.0.0:5556", curve=("trainer.key_secret", "broker.key"))
     farm = envfarm.Farm("tcp://127.0.0.1:9", "CartPole-v1")  # nothing listens there: nothing is asked of it
     with pytest.raises(ValueError, match="pass farm or inline_worker, not both"):
         envfarm.FarmVectorEnv([ScriptedEnv] * 2, inline_worker=True, farm=farm)
