@@ -95,7 +95,8 @@ class ChannelRoute(Route):
         mailbox = self.channels.replies[self.index]
         frames = mailbox.read()
         if frames is None:
-            self.reply_on_socket = True
+            if mailbox.seq.value == seq:  # else a torn read: the newer reply is taken next time
+                self.reply_on_socket = True
             return None
         record = m.read_result_record(frames)  # made by the worker's envfarm code, well-formed: nothing to check
         try:

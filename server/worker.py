@@ -184,8 +184,8 @@ class Worker:
         if seq is None:
             return self.from_socket() if self.data.poll(0) else None
         frames = self.channel.requests.read()
-        if frames is None:  # too large for the slot: it came on the socket
-            return self.from_socket()
+        if frames is None:  # too large for the slot: it came on the socket, unless the read was torn
+            return self.from_socket() if self.channel.requests.seq.value == seq else None
         rid = m.read_step_record(frames)
         if rid is not None:
             message = self._step_of_record(rid)

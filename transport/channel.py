@@ -117,8 +117,10 @@ class Mailbox:
     def read(self) -> list[memoryview] | None:
         """The message in the slot as views (valid until the next write), or None for the marker.
 
-        Check `seq` again after decoding the views: if the writer overwrote the slot meanwhile,
-        the decoded message is torn and must be read again.
+        Check `seq` again after decoding the views, and before acting on None: if the writer
+        overwrote the slot meanwhile, what was read is torn and must be read again. (A header
+        being written passes through zeros, since struct.pack_into clears its bytes first, so a
+        torn read can look like the marker.)
         """
         (count,) = struct.unpack_from("<I", self.buffer, self.offset + _COUNT)
         if count == 0:

@@ -47,6 +47,27 @@ def test_timeout_on_reset_and_call_also_drop_late_replies():
         envs.close()
 
 
+def test_steps_abandoned_in_quick_succession_never_leave_a_worker_stuck():
+    # A step sent while the worker still reads the one before (abandoned by a timeout) tears the
+    # worker's read. A header torn that way once read as "too large for the slot, on the socket",
+    # and the worker then waited on its socket for ever: every later step timed out. Before the
+    # fix, this loop left the worker stuck in 3 runs of 3.
+    envs = envfarm.make_vec("CartPole-v1", 2, num_workers=1)
+    try:
+        envs.reset(seed=0)
+        actions = np.zeros(2, dtype=np.int64)
+        for _ in range(30_000):
+            envs.step_async(actions)
+            try:
+                envs.step_wait(timeout=0)
+            except multiprocessing.TimeoutError:
+                pass
+        envs.step_async(actions)
+        envs.step_wait(timeout=30)  # answered: the worker still serves
+    finally:
+        envs.close()
+
+
 def test_one_env_exception_leaves_the_others_running_and_a_reset_revives_it():
     # AsyncVectorEnv: the worker of the failing env exits, the vector env is unusable.
     fns = [ScriptedEnv, ScriptedEnv, functools.partial(ScriptedEnv, fail_at_step=3), ScriptedEnv]
