@@ -70,3 +70,21 @@ def test_spinning_only_while_it_pays():
     for _ in range(8):
         policy.waited(50e-6)  # it answers within microseconds again: a futex wake-up would cost more
     assert policy.spin_for() == 1e-3
+
+
+def test_a_write_cut_short_does_not_stop_the_next_one(ends, monkeypatch):
+    # Ctrl-C can land in the trainer between a write's two stores of `seq`, leaving it odd ("being
+    # written"). The next write must still be seen, or the worker never reads again.
+    trainer, worker = ends
+    header = channel._header
+
+    def interrupted(count: int):
+        monkeypatch.setattr(channel, "_header", header)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(channel, "_header", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.send(0, [b"cut short"])
+    assert worker.wait() is None  # nothing complete to read
+    assert trainer.send(0, [b"next"])
+    assert worker.wait() is not None and [bytes(f) for f in worker.requests.read()] == [b"next"]

@@ -104,7 +104,9 @@ class Mailbox:
         fits = start + sum(_aligned(size) for size in sizes) <= self.offset + self.capacity
         if not fits:
             frames = sizes = []
-        seq = self.seq.value
+        # Even: a write cut short between its two stores (a KeyboardInterrupt in the trainer) left
+        # `seq` odd, and adding 2 to an odd seq would mark every later message as still being written.
+        seq = self.seq.value & ~1
         self.seq.value = seq + 1
         _header(len(sizes)).pack_into(self.buffer, self.offset + _COUNT, len(sizes), *sizes)
         position = start

@@ -157,6 +157,33 @@ def test_ctrl_c_gives_one_clean_keyboard_interrupt():
         trainer.wait()
 
 
+def test_the_next_step_is_answered_after_ctrl_c_cut_a_step_short(monkeypatch):
+    # In a notebook, Ctrl-C during a step and then stepping again is common. If the interrupt
+    # lands while a request is written to a worker's mailbox, the write is left half done; the
+    # next step must still reach the worker (it timed out for ever before).
+    from envfarm.transport import channel
+
+    if not channel.available():
+        pytest.skip("the channel needs Linux on x86-64")
+    envs = envfarm.FarmVectorEnv([CounterEnv] * 2, num_workers=1)
+    try:
+        envs.reset()
+        header = channel._header
+
+        def interrupted(count: int):
+            monkeypatch.setattr(channel, "_header", header)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(channel, "_header", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            envs.step(np.zeros(2, dtype=np.int64))
+        envs.step_async(np.zeros(2, dtype=np.int64))
+        _, _, _, _, info = envs.step_wait(timeout=30)
+        assert info["count"].tolist() == [1, 1]  # the interrupted step never ran
+    finally:
+        envs.close()
+
+
 @pytest.mark.parametrize("setting, expected", [(None, 1), ("0", None)], ids=["default", "left-alone"])
 def test_workers_limit_their_numeric_libraries_to_one_thread(setting, expected, monkeypatch):
     from testenvs import FixedObsEnv
