@@ -113,7 +113,10 @@ def run_trainer(script: str) -> subprocess.Popen:
 
 
 TRAINER = """
-    import functools, os, sys, numpy as np, envfarm
+    import functools, os, signal, sys, numpy as np, envfarm
+    # As in a terminal. A test run started in the background (`pytest &` in a script) ignores
+    # SIGINT, and its children inherit that: this trainer would never see the Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from testenvs import ScriptedEnv
     envs = envfarm.FarmVectorEnv([functools.partial(ScriptedEnv, obs="image")] * 4, num_workers=2, context="{context}")
     envs.reset(seed=0)
