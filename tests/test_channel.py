@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from interrupts import interrupt_the_next_mailbox_write
 
 from envfarm.transport import channel
 from envfarm.transport.channel import SpinPolicy, TrainerChannels, WorkerEnd
@@ -76,13 +77,7 @@ def test_a_write_cut_short_does_not_stop_the_next_one(ends, monkeypatch):
     # Ctrl-C can land in the trainer between a write's two stores of `seq`, leaving it odd ("being
     # written"). The next write must still be seen, or the worker never reads again.
     trainer, worker = ends
-    header = channel._header
-
-    def interrupted(count: int):
-        monkeypatch.setattr(channel, "_header", header)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(channel, "_header", interrupted)
+    interrupt_the_next_mailbox_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         trainer.send(0, [b"cut short"])
     assert worker.wait() is None  # nothing complete to read

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from interrupts import interrupt_the_next_mailbox_write
 from polling import wait_until
 from testenvs import CounterEnv, ScriptedEnv
 
@@ -171,13 +172,7 @@ def test_the_next_step_is_answered_after_ctrl_c_cut_a_step_short(monkeypatch):
     envs = envfarm.FarmVectorEnv([CounterEnv] * 2, num_workers=1)
     try:
         envs.reset()
-        header = channel._header
-
-        def interrupted(count: int):
-            monkeypatch.setattr(channel, "_header", header)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(channel, "_header", interrupted)
+        interrupt_the_next_mailbox_write(monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             envs.step(np.zeros(2, dtype=np.int64))
         envs.step_async(np.zeros(2, dtype=np.int64))
