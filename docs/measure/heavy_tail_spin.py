@@ -11,9 +11,10 @@ import subprocess
 import sys
 
 ONE = r"""
-import json, os, sys, time, warnings
+import json, sys, time, warnings
 from gymnasium.vector.utils import batch_space
 import envfarm.client.worker_pool as worker_pool
+from envfarm.bench_measure import cpu_seconds
 warnings.filterwarnings("ignore")
 mode, trainer_spin, worker_spin = sys.argv[1:4]
 if trainer_spin != "-":
@@ -23,12 +24,6 @@ if worker_spin != "-":
 import envfarm
 from envfarm.bench_envs import HEAVY_TAIL_ID
 n = 8
-def cpu_seconds(pids):
-    total = time.process_time()
-    for pid in pids:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 if mode == "step":
     envs = envfarm.make_vec(HEAVY_TAIL_ID, n)
     envs.reset(seed=0)
@@ -49,7 +44,7 @@ else:
         return n // 2
 for i in range(10):
     one(i)
-pids = [process.pid for process in envs._pool.processes]
+pids = [process.pid for process in envs.processes]
 cpu, start, steps, i = cpu_seconds(pids), time.perf_counter(), 0, 0
 while time.perf_counter() - start < 3:
     steps += one(i)

@@ -11,9 +11,10 @@ import subprocess
 import sys
 
 ONE = r"""
-import json, os, sys, time, warnings
+import json, sys, time, warnings
 import gymnasium as gym
 import envfarm.client.worker_pool as worker_pool
+from envfarm.bench_measure import cpu_seconds
 warnings.filterwarnings("ignore")
 env_id, n, trainer_spin, inline = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 if trainer_spin != "-":
@@ -24,22 +25,16 @@ if env_id.startswith("sync:"):
     pids = []
 else:
     envs = envfarm.make_vec(env_id, n, inline_worker=inline)
-    pids = [process.pid for process in envs._pool.processes]
-def cpu_seconds():
-    total = time.process_time()
-    for pid in pids:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    pids = [process.pid for process in envs.processes]
 envs.reset(seed=0)
 actions = [envs.action_space.sample() for _ in range(64)]
 for i in range(50):
     envs.step(actions[i % 64])
-cpu, start, steps = cpu_seconds(), time.perf_counter(), 0
+cpu, start, steps = cpu_seconds(pids), time.perf_counter(), 0
 while time.perf_counter() - start < 2.5:
     envs.step(actions[steps % 64])
     steps += 1
-elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+elapsed, cpu = time.perf_counter() - start, cpu_seconds(pids) - cpu
 envs.close()
 print(json.dumps([steps * n / elapsed, cpu / (steps * n) * 1e6]))
 """
